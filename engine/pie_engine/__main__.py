@@ -1,0 +1,3 @@
+from pie_engine.cli import main
+
+main()

@@ -1,0 +1,105 @@
+"""Device facts and KV sizing: bytes per KV block, GPU memory totals (pynvml), and the budget -> block count."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from pie_engine.config import EngineConfig, parse_budget
+from pie_engine.models.model_config import ModelConfig
+
+CPU_DEFAULT_KV_BUDGET = 256 * 2**20  # bytes of device KV on CPU when no budget is given
+CUDA_DEFAULT_FRACTION = "0.9"  # of total GPU memory for everything the engine holds
+_ACTIVATION_SLACK = 512 * 2**20  # CUDA context fragments, allocator caching, kernels' workspaces
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; "cuda" without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; use auto, cpu or cuda")
+    return device
+
+
+def kv_block_bytes(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block of ONE layer (K and V)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * block_size * model_config.num_key_value_heads * model_config.head_dim * elem
+
+
+def _nvml_index(device: torch.device) -> int | str:
+    """NVML numbers GPUs physically; torch counts the CUDA_VISIBLE_DEVICES list. Map one to the other."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[index] if index < len(visible) else index
+
+
+def device_memory_info(device: torch.device) -> tuple[int, int] | None:
+    """(total, used) bytes of the GPU behind ``device`` via pynvml (used counts every process); None on CPU."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            ident = _nvml_index(device)
+            handle = (pynvml.nvmlDeviceGetHandleByUUID(ident) if isinstance(ident, str) and not ident.isdigit()
+                      else pynvml.nvmlDeviceGetHandleByIndex(int(ident)))
+            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            return int(info.total), int(info.used)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML (containers without the driver library, MIG slices): ask the CUDA runtime
+        free, total = torch.cuda.mem_get_info(device)
+        return int(total), int(total - free)
+
+
+def activation_reserve(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:
+    """Rough peak of one forward pass's temporaries (bytes), kept free of KV on CUDA."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    tokens = config.max_num_batched_tokens
+    per_token = (4 * model_config.hidden_size + 3 * model_config.intermediate_size
+                 + 3 * model_config.num_attention_heads * model_config.head_dim) * elem
+    logits = config.max_num_seqs * model_config.vocab_size * 4 * 2
+    return tokens * per_token + logits + _ACTIVATION_SLACK
+
+
+def _is_fraction(value: str | int | float) -> bool:
+    # Same rule as config.parse_budget: "0.9", ".5", "1", "1.0" are fractions; "8Gi" and plain ints are bytes.
+    return isinstance(value, float) or (isinstance(value, str)
+                                        and re.fullmatch(r"\s*0?\.\d+\s*|\s*1(\.0*)?\s*", value) is not None)
+
+
+def num_blocks_for_budget(config: EngineConfig, model_config: ModelConfig, device: torch.device,
+                          dtype: torch.dtype) -> int:
+    """Device KV blocks per layer for the configured budget; call it after the weights are on the device.
+
+    ``num_device_blocks`` overrides everything. A byte budget ("8Gi") is the KV budget itself. A fraction ("0.9",
+    CUDA only) is the share of total GPU memory the engine may hold: KV gets it minus what is already used (weights,
+    other processes) minus an activation reserve. Default: 256Mi on CPU, "0.9" on CUDA.
+    """
+    if config.num_device_blocks is not None:
+        if config.num_device_blocks < 1:
+            raise ValueError(f"num_device_blocks must be >= 1, got {config.num_device_blocks}")
+        return config.num_device_blocks
+    per_block = kv_block_bytes(model_config, config.block_size, dtype) * model_config.num_hidden_layers
+    info = device_memory_info(device)
+    value = config.gpu_memory_budget
+    if value is None:
+        value = CPU_DEFAULT_KV_BUDGET if info is None else CUDA_DEFAULT_FRACTION
+    total = info[0] if info else None
+    budget = parse_budget(value, total)
+    if _is_fraction(value) and info is not None:
+        budget -= info[1] + activation_reserve(config, model_config, dtype)
+    blocks = budget // per_block
+    if blocks < 1:
+        raise ValueError(f"KV budget {value!r} leaves {max(budget, 0)} bytes for KV, less than one block "
+                         f"({per_block} bytes for {model_config.num_hidden_layers} layers); raise the budget")
+    return int(blocks)

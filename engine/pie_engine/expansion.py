@@ -1,0 +1,246 @@
+"""Adaptive expansion: how many layers' KV to keep on host (m), decided between iterations (pure, no torch).
+
+Grow m by one while swapping stays hidden and there is demand for more KV; shrink when the latency overhead of
+swapping exceeds epsilon. Overhead over a window of iterations is
+    max( sum(stall) / sum(iteration - stall),  sum(iteration) / sum(no-swap prediction) - 1 )
+where the prediction comes from a LatencyBaseline fitted while m = 0 (latency_baseline.py). The first term is
+exact wherever stalls are measured; the second also catches overhead that is not a stall, e.g. on the CPU where
+the copy threads compete with compute for cores. Hysteresis: grow only below ``grow_overhead`` (< epsilon), a full
+window of evidence per decision, a cooldown after every change, and an m that caused overhead stays forbidden for
+``ceiling_ttl`` iterations, so the controller settles instead of oscillating. docs/pie.md has the details.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from pie_engine.latency_baseline import LatencyBaseline
+from pie_engine.swap_schedule import SwapGeometry
+
+MODES = ("off", "adaptive", "static")
+
+
+@dataclass(frozen=True)
+class IterationSample:
+    """What one engine iteration reports to the controller."""
+
+    iteration_seconds: float
+    stall_seconds: float  # compute waiting for swap-ins (LayerSwapKVCache.last_step_stall_seconds)
+    num_tokens: int  # tokens computed in the step
+    context_tokens: int = 0  # KV tokens the step's attention read (sum of context lengths); 0 if unknown
+    num_waiting: int = 0  # requests waiting for admission
+    num_preempted: int = 0  # preemptions this step
+    blocks_in_use: int = 0  # per layer: max used block id + 1 (in use or prefix-cached)
+    blocks_wanted: int | None = None  # blocks_in_use plus what the waiting queue needs; None: blocks_in_use
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    epsilon: float = 0.05  # shrink when the overhead exceeds this
+    grow_overhead: float = 0.02  # grow only while the overhead is below this (the band between them: hold)
+    grow_stall_fraction: float = 0.01  # ... and stall / iteration time is below this
+    window: int = 8  # iterations of evidence per decision (patience)
+    cooldown: int = 4  # iterations ignored after a change (pipeline refill, migration)
+    demand_fraction: float = 0.5  # share of the window's iterations that must show demand to grow
+    usage_high: float = 0.9  # blocks_in_use >= this * C counts as demand
+    ceiling_ttl: int = 500  # iterations an m that caused overhead stays forbidden
+    idle_shrink: bool = True  # give layers back when the KV would fit comfortably with one fewer on host
+    idle_fraction: float = 0.5
+    idle_window: int = 64
+    baseline_decay: float = 0.99
+    baseline_min_samples: int = 8
+    baseline_extrapolation: float = 4.0  # trust the baseline up to this factor beyond the loads it saw at m = 0
+    peak_window: int = 2048  # iterations over which the peak KV demand is taken (recommendations)
+    headroom: float = 1.1  # multiplier on the recommendations
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.grow_overhead < self.epsilon:
+            raise ValueError(f"need 0 <= grow_overhead < epsilon, got {self.grow_overhead}, {self.epsilon}")
+        if self.window < 1 or self.cooldown < 0 or self.idle_window < 1 or self.peak_window < 1:
+            raise ValueError("window, idle_window and peak_window must be >= 1 and cooldown >= 0")
+        if self.headroom < 1.0:
+            raise ValueError(f"headroom must be >= 1, got {self.headroom}")
+
+
+def parse_expansion(setting: str) -> tuple[str, float | None]:
+    """``--expansion``: off | adaptive | a ratio >= 1 (e.g. "2.0") -> (mode, ratio)."""
+    s = str(setting).strip().lower()
+    if s in ("off", "adaptive"):
+        return s, None
+    try:
+        ratio = float(s)
+    except ValueError:
+        raise ValueError(f"expansion must be off, adaptive or a ratio >= 1, got {setting!r}") from None
+    if not ratio >= 1.0 or math.isinf(ratio):
+        raise ValueError(f"an expansion ratio must be a finite number >= 1, got {setting!r}")
+    return "static", ratio
+
+
+def layers_for_ratio(num_layers: int, ratio: float) -> int:
+    """Static mode: m = round(n - n / ratio), clamped to [0, n - 1]."""
+    return max(0, min(num_layers - 1, round(num_layers - num_layers / ratio)))
+
+
+class ExpansionController:
+    """Decides m between iterations. Call ``update(sample)`` after each iteration; apply the m it returns."""
+
+    def __init__(self, geometry: SwapGeometry, mode: str = "adaptive", ratio: float | None = None,
+                 host_memory_limit: int | None = None, config: ControllerConfig | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "static" and (ratio is None or ratio < 1.0):
+            raise ValueError(f"static mode needs a ratio >= 1, got {ratio}")
+        self.geometry, self.mode, self.ratio = geometry, mode, ratio
+        self.host_memory_limit = host_memory_limit
+        self.config = cfg = config or ControllerConfig()
+        self.max_layers_on_host = geometry.max_layers_on_host(host_memory_limit)
+        self.baseline = LatencyBaseline(cfg.baseline_decay, cfg.baseline_min_samples, cfg.baseline_extrapolation)
+        self._window: deque[tuple[IterationSample, float | None, bool]] = deque(maxlen=cfg.window)
+        self._idle: deque[tuple[int, bool]] = deque(maxlen=cfg.idle_window)
+        self._peak: deque[tuple[int, int]] = deque()  # (iteration, wanted), decreasing: a sliding-window max
+        self.peak_blocks = 0  # observed peak KV demand, blocks per layer, over the last peak_window iterations
+        self._cooldown = 0
+        self._iteration = 0
+        self._ceiling: tuple[int, int] | None = None  # (forbidden m and above, until iteration)
+        self.transparent_limit: int | None = None  # highest m known transparent below an overhead-causing one
+        self.overhead = self.stall_fraction = 0.0
+        self.num_grows = self.num_shrinks = 0
+        self.last_decision = "start"
+        self.m = self._target_static() if mode == "static" else 0
+        self._previous_m = 0  # the m before the last change (what reject() returns to)
+
+    @classmethod
+    def from_setting(cls, expansion: str, geometry: SwapGeometry, host_memory_limit: int | None = None,
+                     config: ControllerConfig | None = None) -> ExpansionController:
+        """From the ``--expansion`` flag (off | adaptive | ratio)."""
+        mode, ratio = parse_expansion(expansion)
+        return cls(geometry, mode, ratio, host_memory_limit, config)
+
+    # -------------------------------------------------------------------------------------------- decisions
+    def _target_static(self) -> int:
+        assert self.ratio is not None
+        return min(layers_for_ratio(self.geometry.num_layers, self.ratio), self.max_layers_on_host)
+
+    def update(self, s: IterationSample) -> int:
+        """Record one iteration (run at ``self.m``) and return m for the next one."""
+        cfg = self.config
+        self._iteration += 1
+        cap = self.geometry.capacity_blocks(self.m)
+        demand = s.num_waiting > 0 or s.num_preempted > 0 or s.blocks_in_use >= cfg.usage_high * cap
+        wanted = s.blocks_wanted if s.blocks_wanted is not None else s.blocks_in_use
+        self._track_peak(wanted)
+        self._idle.append((wanted, demand))
+        if self.mode != "adaptive":
+            self.m = 0 if self.mode == "off" else self._target_static()
+            return self.m
+        if self._cooldown > 0:
+            self._cooldown -= 1
+            return self.m
+        if self.m == 0:
+            self.baseline.add(s.iteration_seconds, s.num_tokens, s.context_tokens)
+        pred = None if self.m == 0 else self.baseline.predict(s.num_tokens, s.context_tokens)
+        self._window.append((s, pred, demand))
+        if len(self._window) < cfg.window:
+            return self.m
+        self._measure()
+        if self._ceiling is not None and self._iteration >= self._ceiling[1]:
+            self._ceiling = None  # load may have changed: allow probing again
+        if self.m > 0 and self.overhead > cfg.epsilon:
+            self._ceiling = (self.m, self._iteration + cfg.ceiling_ttl)
+            self.transparent_limit = self.m - 1
+            return self._change(self.m - 1, f"overhead {self.overhead:.3f} > epsilon {cfg.epsilon}")
+        demand_share = sum(d for _, _, d in self._window) / len(self._window)
+        ceiling = self._ceiling[0] if self._ceiling is not None else self.geometry.num_layers
+        # NOTE: leave m = 0 only with a usable baseline, or overhead that is not a stall would go unseen.
+        baseline_ready = self.m > 0 or self.baseline.num_samples >= cfg.baseline_min_samples
+        if (baseline_ready and self.overhead < cfg.grow_overhead and self.stall_fraction < cfg.grow_stall_fraction
+                and demand_share >= cfg.demand_fraction and self.m + 1 <= self.max_layers_on_host
+                and self.m + 1 < ceiling):
+            return self._change(self.m + 1, f"demand with overhead {self.overhead:.3f}")
+        if cfg.idle_shrink and self.m > 0 and len(self._idle) == cfg.idle_window and not any(
+                d for _, d in self._idle):
+            smaller = self.geometry.capacity_blocks(self.m - 1)
+            if max(w for w, _ in self._idle) < cfg.idle_fraction * smaller:
+                return self._change(self.m - 1, "idle: the KV fits with fewer layers on host")
+        self.last_decision = "hold"
+        return self.m
+
+    def _track_peak(self, wanted: int) -> None:
+        # NOTE: kept as a plain number so a metrics scrape on another thread never iterates a deque being changed.
+        while self._peak and self._peak[-1][1] <= wanted:
+            self._peak.pop()
+        self._peak.append((self._iteration, wanted))
+        while self._peak[0][0] <= self._iteration - self.config.peak_window:
+            self._peak.popleft()
+        self.peak_blocks = self._peak[0][1]
+
+    def _measure(self) -> None:
+        """Overhead and stall fraction over the window (see module docstring)."""
+        it = sum(s.iteration_seconds for s, _, _ in self._window)
+        stall = sum(s.stall_seconds for s, _, _ in self._window)
+        self.stall_fraction = stall / it if it > 0 else 0.0
+        if self.m == 0:
+            self.overhead = 0.0  # nothing is swapped
+            return
+        stall_overhead = stall / max(it - stall, 1e-12)
+        predicted = [(s.iteration_seconds, p) for s, p, _ in self._window if p is not None]
+        vs_baseline = 0.0
+        if 2 * len(predicted) >= len(self._window):
+            vs_baseline = sum(i for i, _ in predicted) / sum(p for _, p in predicted) - 1.0
+        self.overhead = max(stall_overhead, vs_baseline)
+
+    def _change(self, m: int, reason: str) -> int:
+        if m > self.m:
+            self.num_grows += 1
+        else:
+            self.num_shrinks += 1
+        self._previous_m, self.m = self.m, m
+        self.last_decision = f"m -> {m}: {reason}"
+        self._window.clear()
+        self._idle.clear()
+        self._cooldown = self.config.cooldown
+        return m
+
+    def reject(self, m: int) -> int:
+        """The engine could not apply ``m`` (e.g. host allocation failed) and stays where it was: a larger m is
+        never asked for again. Returns the m the engine keeps using."""
+        previous = self._previous_m if self.m == m else self.m
+        if m > previous:
+            self.max_layers_on_host = min(self.max_layers_on_host, m - 1)
+        self.m = previous
+        self.last_decision = f"m = {m} rejected by the engine"
+        return self.m
+
+    # -------------------------------------------------------------------------------------------- reporting
+    @property
+    def recommended_host_memory_bytes(self) -> int:
+        """Host KV needed at the current (settled) m for the peak demand: H(m) * min(D, C(m)) * block bytes."""
+        g, m = self.geometry, self.m
+        need = g.num_host_backed(m) * min(self.peak_blocks, g.capacity_blocks(m)) * g.layer_block_bytes
+        return math.ceil(self.config.headroom * need)
+
+    @property
+    def recommended_gpu_memory_bytes(self) -> int:
+        """Smallest device KV budget that holds the peak demand at the largest m known to be transparent:
+        (n - m_t) * D * block bytes (m_t: below the last m that caused overhead, else the current m)."""
+        g = self.geometry
+        m_t = self.m if self.transparent_limit is None or self.mode != "adaptive" else self.transparent_limit
+        need = g.num_slots(m_t) * self.peak_blocks * g.layer_block_bytes
+        return math.ceil(self.config.headroom * need)
+
+    def state(self) -> dict:
+        g, cfg = self.geometry, self.config
+        return {
+            "mode": self.mode, "ratio": self.ratio, "layers_on_host": self.m, "num_layers": g.num_layers,
+            "max_layers_on_host": self.max_layers_on_host, "expansion_ratio": g.expansion_ratio(self.m),
+            "blocks_per_layer": g.capacity_blocks(self.m), "overhead": self.overhead,
+            "stall_fraction": self.stall_fraction, "epsilon": cfg.epsilon, "grow_overhead": cfg.grow_overhead,
+            "last_decision": self.last_decision, "ceiling": None if self._ceiling is None else self._ceiling[0],
+            "transparent_limit": self.transparent_limit, "num_grows": self.num_grows,
+            "num_shrinks": self.num_shrinks, "baseline_samples": self.baseline.num_samples,
+            "peak_blocks": self.peak_blocks, "host_memory_limit": self.host_memory_limit,
+            "recommended_host_memory_bytes": self.recommended_host_memory_bytes,
+            "recommended_gpu_memory_bytes": self.recommended_gpu_memory_bytes,
+        }

@@ -1,0 +1,297 @@
+"""Pie's performance-transparent layer-wise KV swapping: a KVCache whose host-backed layers rotate through a few
+device staging slots while the other layers compute (docs/pie.md has the design and the reasoning).
+
+One device pool tensor (the device KV budget) is carved into ``S = n - m`` layer slots of ``C`` blocks
+(swap_schedule.py). Per step:
+- ``begin_step``: the first k host-backed layers get their swap-in (or a top-up, if it was prefetched at the end
+  of the previous step and this step uses more blocks);
+- ``begin_layer(l)``: a host-backed layer waits for its swap-in (the stall);
+- ``end_layer(l)``: a host-backed layer writes back only the slots this step wrote (``slot_mapping``), then its
+  slot is refilled with host-backed layer j + k (mod H: the first ones of the next step), after that write-back.
+Swap-ins copy only the block prefix ``[0, num_blocks_in_use)``: the block manager hands out the lowest ids first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pie_engine.copy_engine import CopyHandle, LinkModel, Trace, copy_blocks, make_copy_engine
+from pie_engine.kv_cache import KVCache
+from pie_engine.plan import StepPlan
+from pie_engine.swap_schedule import SwapGeometry, SwapSchedule
+
+
+@dataclass
+class SwapStats:
+    """Counters and gauges of the swapping cache (read by swap_metrics.py)."""
+
+    layers_on_host: int
+    num_staging: int
+    num_blocks: int  # C: blocks per layer
+    expansion_ratio: float
+    device_kv_capacity_bytes: int  # device bytes laid out as KV slots (S * C * block_bytes)
+    host_kv_capacity_bytes: int  # host KV allocated
+    host_kv_used_bytes: int  # blocks in use * block_bytes * host-backed layers
+    swap_in_bytes_total: int
+    swap_out_bytes_total: int
+    swap_stall_seconds_total: float
+    last_step_stall_seconds: float
+    last_step_copy_seconds: float
+
+
+class LayerSwapKVCache(KVCache):
+    """KVCache with m layers' KV off the device. ``num_blocks`` (C) changes with m: read it after reconfiguring.
+
+    ``num_blocks`` at construction is the per-layer capacity at m = 0; the device pool is ``num_layers *
+    num_blocks`` layer-blocks and never changes. NOTE: layer tensors returned by ``begin_layer`` are views of the
+    pool that are valid for the current step only (the slot is refilled afterwards, C changes on reconfiguration).
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, *, layers_on_host: int = 0, num_staging: int = 2,
+                 host_memory_limit: int | None = None, prefetch_next_step: bool = True,
+                 link_in: LinkModel | None = None, link_out: LinkModel | None = None, trace: Trace | None = None,
+                 pin_memory: bool | None = None) -> None:
+        super().__init__(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, torch.device(device))
+        self.geometry = SwapGeometry(num_layers, num_layers * num_blocks, num_staging, self.block_bytes)
+        self.host_memory_limit = host_memory_limit
+        self.prefetch_next_step = prefetch_next_step
+        self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        self.trace = trace
+        self._block_elems = 2 * block_size * num_kv_heads * head_dim
+        self.pool = torch.zeros(self.geometry.pool_blocks * self._block_elems, dtype=dtype, device=self.device)
+        self.engine = make_copy_engine(self.device, link_in, link_out, trace)
+        self._host: dict[int, torch.Tensor] = {}  # host-backed layer -> [2, cap, BS, Hkv, D]
+        self._host_cap = 0  # blocks each host copy holds (grown lazily up to C)
+        self.host_kv_capacity_bytes = 0
+        self._last_wb: dict[int, CopyHandle] = {}  # layer -> its latest write-back
+        self._slot_wb: dict[int, CopyHandle] = {}  # staging slot -> latest write-back out of it
+        self._pending: dict[int, tuple[CopyHandle, int]] = {}  # layer -> (swap-in, blocks it covers)
+        self._in_step, self._next_layer = False, 0
+        self._phase = 0  # rotation phase of the current step (SwapSchedule.slot)
+        self._slot_of: list[int] = []  # per layer: its slot this step
+        self._nb = 0  # blocks in use this step
+        self._slots_cpu = self._slots_dev = torch.empty(0, dtype=torch.int64)
+        self.swap_in_bytes_total = self.swap_out_bytes_total = 0
+        self.swap_stall_seconds_total = self.last_step_stall_seconds = self.last_step_copy_seconds = 0.0
+        self.check_layers_on_host(layers_on_host)
+        self._layout(layers_on_host)
+
+    # ------------------------------------------------------------------------------------------ geometry
+    @property
+    def layers_on_host(self) -> int:
+        return self.schedule.layers_on_host
+
+    def capacity_blocks(self, m: int) -> int:
+        """C at ``m`` layers on host (what the block manager should be resized to)."""
+        return self.geometry.capacity_blocks(m)
+
+    def check_layers_on_host(self, m: int) -> None:
+        """Raise ValueError unless ``m`` is in range and its host KV fits ``host_memory_limit``."""
+        self.geometry.check(m)
+        if not self.geometry.feasible(m, self.host_memory_limit):
+            raise ValueError(f"layers_on_host={m} needs {self.geometry.host_bytes(m)} bytes of host KV, over the "
+                             f"host memory limit of {self.host_memory_limit} bytes")
+
+    def _layout(self, m: int) -> None:
+        self.schedule: SwapSchedule = self.geometry.schedule(m)
+        self.num_blocks = self.geometry.capacity_blocks(m)
+        slot_elems = self.num_blocks * self._block_elems
+        shape = (2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self._views = [self.pool[i * slot_elems:(i + 1) * slot_elems].view(shape)
+                       for i in range(self.schedule.num_slots)]
+
+    def _alloc_host(self, cap: int, pinned: bool = True) -> torch.Tensor:
+        # Zeroed: never-written rows are read (masked) by attention, and 0 * NaN garbage would poison it.
+        return torch.zeros((2, cap, self.block_size, self.num_kv_heads, self.head_dim), dtype=self.dtype,
+                           pin_memory=self.pin_memory and pinned)
+
+    def _set_host(self, host: dict[int, torch.Tensor], cap: int) -> None:
+        self._host, self._host_cap = host, cap
+        # Kept as a number so a metrics scrape on another thread never iterates a dict being replaced.
+        self.host_kv_capacity_bytes = len(host) * cap * self.block_bytes
+
+    def _ensure_host_capacity(self, nb: int) -> None:
+        """Grow every host copy to hold ``nb`` blocks (geometrically, capped at C)."""
+        if nb <= self._host_cap:
+            return
+        cap = min(self.num_blocks, max(nb, 2 * self._host_cap))
+        self.engine.synchronize()  # NOTE: no copy may still read or write the old host tensors
+        host = {layer: self._alloc_host(cap) for layer in self.schedule.host_backed}
+        for layer, old in self._host.items():
+            copy_blocks(host[layer], old, 0, old.shape[1])
+        self._set_host(host, cap)
+
+    # ------------------------------------------------------------------------------------------ step hooks
+    def begin_step(self, plan: StepPlan, slot_mapping: torch.Tensor) -> None:
+        if self._in_step:  # the last step never ended
+            self.end_step()
+        nb = self._blocks_in_use(plan)
+        # NOTE: pass slot_mapping on the CPU where possible: a device tensor costs a sync here.
+        sm = slot_mapping.reshape(-1).to(torch.int64)
+        cpu = sm.cpu()
+        if bool((cpu < 0).any()):  # padding slots (-1) store nothing
+            cpu = cpu[cpu >= 0]
+            sm = cpu
+        if cpu.numel() and int(cpu.max()) >= nb * self.block_size:
+            raise ValueError(f"slot_mapping writes slot {int(cpu.max())}, beyond the {nb} blocks in use")
+        self._slots_cpu, self._slots_dev = cpu, sm if sm.device == self.device else cpu.to(self.device)
+        self._nb = nb
+        self._in_step, self._next_layer = True, 0
+        self._slot_of = [self.schedule.slot(layer, self._phase) for layer in range(self.num_layers)]
+        if self.trace is not None:
+            self.trace.step += 1
+        if self.layers_on_host == 0:
+            return
+        self._ensure_host_capacity(nb)
+        for layer in self.schedule.first_swap_ins():
+            pending = self._pending.get(layer)
+            slot = self._slot_of[layer]
+            if pending is None:
+                h = self._swap_in(layer, slot, 0, nb, self._slot_wb.get(slot), self._last_wb.get(layer))
+                self._pending[layer] = (h, nb)
+            elif nb > pending[1]:
+                # Prefetched at the end of the last step with fewer blocks: top up the new ones. Same FIFO
+                # queue/stream as the prefetch, so this handle completes after it.
+                self._pending[layer] = (self._swap_in(layer, slot, pending[1], nb, None, None), nb)
+
+    def _blocks_in_use(self, plan: StepPlan) -> int:
+        needed = max((max(s.seq.block_table) + 1 for s in plan.scheduled if s.seq.block_table), default=0)
+        if plan.swap is not None:
+            if plan.swap.layers_on_host != self.layers_on_host:
+                raise ValueError(f"plan expects {plan.swap.layers_on_host} layers on host, the cache has "
+                                 f"{self.layers_on_host}: call set_layers_on_host between steps")
+            if plan.swap.num_blocks_in_use < needed:
+                raise ValueError(f"plan.swap.num_blocks_in_use={plan.swap.num_blocks_in_use} but block id "
+                                 f"{needed - 1} is scheduled")
+            needed = plan.swap.num_blocks_in_use
+        if needed > self.num_blocks:
+            raise ValueError(f"the step uses {needed} blocks, the cache holds {self.num_blocks} per layer")
+        return needed
+
+    def begin_layer(self, layer: int) -> torch.Tensor:
+        if not self._in_step or layer != self._next_layer:
+            raise RuntimeError(f"begin_layer({layer}) out of order (expected layer {self._next_layer} inside a step)")
+        slot = self._slot_of[layer]
+        if self.schedule.is_host_backed(layer):
+            pending = self._pending.pop(layer, None)
+            if pending is None:
+                raise RuntimeError(f"no swap-in was issued for host-backed layer {layer}")
+            self.engine.wait(pending[0])
+        if self.trace is not None:
+            self.trace.record("compute_begin", layer, slot)
+        return self._views[slot]
+
+    def end_layer(self, layer: int) -> None:
+        if not self._in_step or layer != self._next_layer:
+            raise RuntimeError(f"end_layer({layer}) out of order (expected layer {self._next_layer})")
+        self._next_layer = layer + 1
+        slot = self._slot_of[layer]
+        if self.trace is not None:
+            self.trace.record("compute_end", layer, slot)
+        nxt = self.schedule.next_swap_in(layer)
+        if nxt is None:
+            return
+        wb = self.engine.write_back(self._views[slot], self._host[layer], self._slots_dev, self._slots_cpu,
+                                    layer=layer, slot=slot)
+        self._last_wb[layer] = self._slot_wb[slot] = wb
+        target, wraps = nxt
+        if wraps and not self.prefetch_next_step:
+            return
+        # NOTE: a wrapped prefetch guesses the next step needs this step's prefix; begin_step tops it up if not.
+        # The rotation continues into the next step, so the target lands in this same slot there.
+        self._pending[target] = (self._swap_in(target, slot, 0, self._nb, wb, self._last_wb.get(target)), self._nb)
+
+    def end_step(self) -> None:
+        if not self._in_step:
+            return
+        if self._next_layer == self.num_layers:
+            self._phase = self.schedule.next_phase(self._phase)
+        else:  # the forward pass failed midway: settle, forget prefetches (host copies hold what was written)
+            self.engine.synchronize()
+            self._pending.clear()
+            self._phase = 0  # nothing in flight any more: any slot assignment is safe
+        self._in_step = False
+        stats = self.engine.end_step()
+        self.swap_in_bytes_total += stats.swap_in_bytes
+        self.swap_out_bytes_total += stats.swap_out_bytes
+        self.swap_stall_seconds_total += stats.stall_seconds
+        self.last_step_stall_seconds, self.last_step_copy_seconds = stats.stall_seconds, stats.copy_seconds
+
+    def _swap_in(self, layer: int, slot: int, lo: int, hi: int, slot_free: CopyHandle | None,
+                 host_ready: CopyHandle | None) -> CopyHandle:
+        return self.engine.swap_in(self._views[slot], self._host[layer], lo, hi, slot_free=slot_free,
+                                   host_ready=host_ready, layer=layer, slot=slot)
+
+    # ------------------------------------------------------------------------------------------ reconfigure
+    def set_layers_on_host(self, m: int, keep_blocks: int | None = None) -> int:
+        """Between steps: move to ``m`` layers on host; returns the new C (``num_blocks``).
+
+        Blocks ``[0, min(C_old, C_new, keep_blocks))`` of every layer keep their data. ``keep_blocks``: one past
+        the highest block id whose KV must survive (in use or prefix-cached), i.e. ``max_used_block_id + 1``;
+        it must be <= C_new (the scheduler preempts owners of higher ids first). Default: keep everything.
+        """
+        if self._in_step:
+            raise RuntimeError("set_layers_on_host must be called between steps")
+        self.check_layers_on_host(m)
+        c_old, c_new = self.num_blocks, self.geometry.capacity_blocks(m)
+        if keep_blocks is not None and keep_blocks > c_new:
+            raise ValueError(f"cannot shrink to {c_new} blocks per layer: blocks up to {keep_blocks - 1} hold KV "
+                             "(preempt their owners first)")
+        keep = min(c_old, c_new, c_new if keep_blocks is None else keep_blocks)
+        self.engine.synchronize()
+        self._pending.clear()
+        self._last_wb.clear()
+        self._slot_wb.clear()
+        self._phase = 0
+        if m == self.layers_on_host:
+            return c_new
+        old, new = self.schedule, self.geometry.schedule(m)
+        # Phase 1: lift every old-resident layer's blocks off the device before any slot is rewritten (the old
+        # and new slot views alias the same pool). Old host-backed layers are already current on the host.
+        data: dict[int, torch.Tensor] = dict(self._host)  # where each layer's KV is now (absent: never written)
+        for layer in old.resident:
+            data[layer] = self._alloc_host(keep, pinned=False)
+            copy_blocks(data[layer], self._views[old.slot(layer)], 0, keep)
+        # Phase 2: host copies of the new host-backed set (capacity: what was in use, at most C_new).
+        cap = min(c_new, max(self._host_cap, keep)) if new.host_backed else 0
+        host: dict[int, torch.Tensor] = {}
+        for layer in new.host_backed:
+            src = data.get(layer)
+            if src is not None and src is self._host.get(layer) and src.shape[1] == cap:
+                host[layer] = src  # already host-backed at the right size: nothing to move
+                continue
+            host[layer] = self._alloc_host(cap)
+            if src is not None:
+                copy_blocks(host[layer], src, 0, min(keep, src.shape[1], cap))
+        # Phase 3: the new layout; resident layers come back onto the device.
+        self._set_host(host, cap)
+        self._layout(m)
+        for layer in new.resident:
+            if (src := data.get(layer)) is not None:
+                copy_blocks(self._views[new.slot(layer)], src, 0, min(keep, src.shape[1]))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return c_new
+
+    # ------------------------------------------------------------------------------------------ state
+    def stats(self) -> SwapStats:
+        g, m = self.geometry, self.layers_on_host
+        return SwapStats(
+            layers_on_host=m, num_staging=self.schedule.num_staging, num_blocks=self.num_blocks,
+            expansion_ratio=g.expansion_ratio(m), device_kv_capacity_bytes=g.device_bytes(m),
+            host_kv_capacity_bytes=self.host_kv_capacity_bytes,
+            host_kv_used_bytes=self._nb * self.block_bytes * g.num_host_backed(m),
+            swap_in_bytes_total=self.swap_in_bytes_total, swap_out_bytes_total=self.swap_out_bytes_total,
+            swap_stall_seconds_total=self.swap_stall_seconds_total,
+            last_step_stall_seconds=self.last_step_stall_seconds,
+            last_step_copy_seconds=self.last_step_copy_seconds)
+
+    def close(self) -> None:
+        """Settle copies and stop the copy engine's threads (also after a failed copy)."""
+        try:
+            self.engine.synchronize()
+        finally:
+            self.engine.close()

@@ -1,0 +1,90 @@
+"""What an iteration would cost without swapping: a model of iteration time learned while m = 0 (pure, no torch).
+
+The expansion controller compares iterations at m > 0 against it, so overhead that is not a stall (copy threads
+competing with compute for CPU cores, or for memory bandwidth) is still seen. Iteration time is modeled as
+``a + b * num_tokens + c * context_tokens`` (fixed cost such as reading weights, per-token cost, attention over
+the KV read), fitted by exponentially weighted least squares with a small ridge so a feature that never varies
+(e.g. context not reported) just gets no weight. Predictions are only trusted near the data it has seen.
+"""
+
+from __future__ import annotations
+
+# Feature scales keep the normal equations well conditioned (iteration seconds vs token counts).
+_TOKEN_SCALE = 1e3
+_CONTEXT_SCALE = 1e5
+
+
+def _solve3(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Solve a 3x3 system by Gaussian elimination with partial pivoting; None if singular."""
+    m = [row[:] + [rhs] for row, rhs in zip(a, b, strict=True)]
+    for col in range(3):
+        piv = max(range(col, 3), key=lambda r: abs(m[r][col]))
+        if abs(m[piv][col]) < 1e-300:
+            return None
+        m[col], m[piv] = m[piv], m[col]
+        for r in range(col + 1, 3):
+            f = m[r][col] / m[col][col]
+            for c in range(col, 4):
+                m[r][c] -= f * m[col][c]
+    x = [0.0, 0.0, 0.0]
+    for r in (2, 1, 0):
+        x[r] = (m[r][3] - sum(m[r][c] * x[c] for c in range(r + 1, 3))) / m[r][r]
+    return x
+
+
+class LatencyBaseline:
+    """Exponentially weighted linear model of no-swap iteration seconds."""
+
+    def __init__(self, decay: float = 0.99, min_samples: int = 8, extrapolation: float = 4.0,
+                 ridge: float = 1e-6) -> None:
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        if extrapolation < 1.0:
+            raise ValueError(f"extrapolation must be >= 1, got {extrapolation}")
+        self.decay, self.min_samples, self.ridge = decay, min_samples, ridge
+        self.extrapolation = extrapolation
+        self._xtx = [[0.0] * 3 for _ in range(3)]
+        self._xty = [0.0] * 3
+        self._coef: list[float] | None = None
+        self.num_samples = 0
+        self._tok_range = (float("inf"), 0.0)
+        self._ctx_range = (float("inf"), 0.0)
+
+    @staticmethod
+    def _features(num_tokens: int, context_tokens: int) -> list[float]:
+        return [1.0, num_tokens / _TOKEN_SCALE, context_tokens / _CONTEXT_SCALE]
+
+    def add(self, seconds: float, num_tokens: int, context_tokens: int = 0) -> None:
+        """One iteration observed without swapping."""
+        x = self._features(num_tokens, context_tokens)
+        for i in range(3):
+            self._xty[i] = self.decay * self._xty[i] + x[i] * seconds
+            for j in range(3):
+                self._xtx[i][j] = self.decay * self._xtx[i][j] + x[i] * x[j]
+        self.num_samples += 1
+        self._tok_range = (min(self._tok_range[0], num_tokens), max(self._tok_range[1], num_tokens))
+        self._ctx_range = (min(self._ctx_range[0], context_tokens), max(self._ctx_range[1], context_tokens))
+        self._coef = None
+
+    def predict(self, num_tokens: int, context_tokens: int = 0) -> float | None:
+        """Expected no-swap seconds, or None when the model has too few samples or would extrapolate far.
+
+        Expansion exists to run bigger batches than m = 0 allows, so predictions extend up to ``extrapolation``
+        times beyond the fitted token / context ranges (the model is linear for a physical reason); a feature
+        that barely varied has an unreliable slope, so for it only 1.25x is trusted.
+        """
+        if self.num_samples < self.min_samples:
+            return None
+        for value, (lo, hi) in ((num_tokens, self._tok_range), (context_tokens, self._ctx_range)):
+            limit = self.extrapolation if hi >= 1.5 * lo + 1 else 1.25
+            if value > limit * hi + 1 or value < lo / limit - 1:
+                return None
+        if self._coef is None:
+            lam = self.ridge * max(1e-12, sum(self._xtx[i][i] for i in range(3)))
+            a = [[self._xtx[i][j] + (lam if i == j else 0.0) for j in range(3)] for i in range(3)]
+            self._coef = _solve3(a, self._xty)
+            if self._coef is None:
+                return None
+        x = self._features(num_tokens, context_tokens)
+        pred = sum(c * v for c, v in zip(self._coef, x, strict=True))
+        return pred if pred > 0 else None

@@ -1,0 +1,3 @@
+from pie_operator.cli import main
+
+main()

@@ -1,0 +1,182 @@
+"""One pass of the closed loop, pure: pods + what the operator observed + status -> memory/GPU actions.
+
+For every running pod of the target revision, decisions.py decides its memory request and GPU budget; this module
+turns decisions into actions by spec.memory.apply and cluster support:
+- memory: InPlace (pods/resize; the cluster must support it) | replacement by the rollout (Rolling, or InPlace
+  where resize is unsupported) | Off (only status.pods[].memoryRecommendation);
+- GPU budget: reconcile POSTs it to the engine's admin endpoint and replaces the pod where that is not possible.
+Per-pod memory of these decisions (last change times, the OOM kill already answered, a budget applied live) is
+carried in status.pods[], so it survives an operator restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pie_operator.builders import ENGINE_CONTAINER
+from pie_operator.decisions import Change, GpuInputs, MemoryInputs, OOMKill, Tuning, decide_gpu, decide_memory
+from pie_operator.memory import MemoryDecision, limit_bytes, pool_bounds, request_bytes
+from pie_operator.observe import PodView
+from pie_operator.planning import Pod, memory_request
+from pie_operator.quantity import format_bytes, parse_quantity, resolve_budget
+from pie_operator.spec import PieDeploymentSpec
+
+TS = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def ts(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime(TS)
+
+
+def parse_ts(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def knobs(spec: PieDeploymentSpec) -> Tuning:
+    t = spec.memory.tuning
+    return Tuning(percentile=float(t.percentile), window_seconds=float(t.window_seconds), min_samples=t.min_samples,
+                  change_threshold=t.change_threshold_percent / 100.0, cooldown_seconds=float(t.cooldown_seconds),
+                  source=t.source)
+
+
+def container_status(pod: Pod) -> dict[str, Any]:
+    for cs in pod.get("status", {}).get("containerStatuses") or []:
+        if cs.get("name") == ENGINE_CONTAINER:
+            return cs
+    return {}
+
+
+def budget_arg(pod: Pod) -> str | None:
+    """The --gpu-memory-budget the pod's engine was started with."""
+    for c in pod.get("spec", {}).get("containers", []):
+        args = c.get("args") or []
+        if c.get("name") == ENGINE_CONTAINER and "--gpu-memory-budget" in args[:-1]:
+            return args[args.index("--gpu-memory-budget") + 1]
+    return None
+
+
+def effective_budget(pod: Pod, prev: dict[str, Any]) -> str:
+    """The budget the engine runs with: the one applied live (while the container has not restarted since, which
+    would bring back its --gpu-memory-budget), else the flag."""
+    restarts = container_status(pod).get("restartCount", 0)
+    if prev.get("gpuBudgetLive") and prev.get("gpuBudgetRestarts") == restarts and prev.get("gpuMemoryBudget"):
+        return str(prev["gpuMemoryBudget"])
+    return budget_arg(pod) or ""
+
+
+def oom_kill(pod: Pod, prev: dict[str, Any]) -> tuple[OOMKill | None, str]:
+    """The engine container's last OOM kill (if its last termination was one) and its finishedAt, the marker that
+    status.pods[].oomHandledAt keeps once it was answered."""
+    term = (container_status(pod).get("lastState") or {}).get("terminated") or {}
+    if term.get("reason") != "OOMKilled":
+        return None, ""
+    marker = str(term.get("finishedAt") or "")
+    return OOMKill(finished_at=parse_ts(marker) or 0.0, handled=prev.get("oomHandledAt") == marker), marker
+
+
+@dataclass(frozen=True)
+class GpuChange:
+    pod: str
+    old: str
+    new: str
+    bytes: int | None  # None: cannot be expressed in bytes now (a fraction, GPU total unknown) -> replace the pod
+    reason: str
+    message: str
+
+
+@dataclass
+class TuningPlan:
+    resize: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # pod -> (request, limit)
+    replace: dict[str, str] = field(default_factory=dict)  # pod -> "Reason: detail" (planning.plan's `replace`)
+    gpu: list[GpuChange] = field(default_factory=list)  # reconcile applies these (live or by replacement)
+    changes: list[tuple[str, Change, str]] = field(default_factory=list)  # (pod, memory change, how applied)
+    memo: dict[str, dict[str, Any]] = field(default_factory=dict)  # pod -> status.pods[] fields to carry
+    template_request: int = 0
+
+
+def template_request(spec: PieDeploymentSpec, previous: str | None) -> int:
+    """The request new pods get: the latest decided one (status.memory.hostMemoryRequest) within the bounds."""
+    lo_pool, hi_pool = pool_bounds(spec.memory)
+    lo = request_bytes(spec.memory, lo_pool)
+    hi = None if hi_pool is None else request_bytes(spec.memory, hi_pool)
+    value = parse_quantity(previous) if previous else lo
+    return max(lo, value if hi is None else min(value, hi))
+
+
+def template_budget(spec: PieDeploymentSpec, previous: str | None) -> str:
+    """The GPU budget new pods get: the spec's, or with GPU tuning the latest decided one."""
+    if spec.memory.tuning.gpu_memory_budget_min is None or not previous:
+        return spec.memory.gpu_memory_budget
+    return previous
+
+
+def plan_tuning(spec: PieDeploymentSpec, decision: MemoryDecision, pods: list[Pod], prev_pods: dict[str, dict],
+                views: dict[str, PodView], *, now: float, resize_supported: bool, tmpl_request: int) -> TuningPlan:
+    """Decide memory and GPU changes for `pods` (the running pods of the target revision)."""
+    out = TuningPlan(template_request=tmpl_request)
+    t, mem = knobs(spec), spec.memory
+    min_pool, max_pool = pool_bounds(mem)
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        prev, view = prev_pods.get(name, {}), views.get(name) or PodView(None)
+        memo = out.memo.setdefault(name, {})
+        stale = view.last is None or not view.last.ok
+        born = parse_ts(pod["metadata"].get("creationTimestamp")) or now
+        if (current := memory_request(pod)) is not None:
+            oom, marker = oom_kill(pod, prev)
+            c = decide_memory(MemoryInputs(
+                current=parse_quantity(current), min_pool=min_pool, max_pool=max_pool,
+                to_request=lambda pool: request_bytes(mem, pool), samples=view.samples, stale=stale,
+                last_change=parse_ts(prev.get("memoryChangedAt")) or born, oom=oom), now, t)
+            if c is not None:
+                if c.reason.startswith("OOMKilled"):
+                    memo["oomHandledAt"] = marker
+                _memory_action(out, name, c, mem.apply, resize_supported, limit_bytes(mem, decision, c.new))
+        gpu = _gpu_change(spec, t, pod, prev, view, stale, born, now)
+        if gpu is not None:
+            out.gpu.append(gpu)
+    return out
+
+
+def _memory_action(out: TuningPlan, name: str, c: Change, apply: str, resize_supported: bool,
+                   limit: int | None) -> None:
+    if c.new == c.old:  # OOMKilledAtMax: nothing left to give; reported once
+        out.changes.append((name, c, "none"))
+        return
+    if apply == "Off":
+        out.memo[name]["memoryRecommendation"] = format_bytes(c.new)
+        return
+    if apply == "InPlace" and resize_supported:
+        out.resize[name] = (format_bytes(c.new), None if limit is None else format_bytes(limit))
+        how = "InPlace"
+    else:
+        out.replace[name] = f"MemoryChanged: memory request {format_bytes(c.old)} -> {format_bytes(c.new)}"
+        how = "Rolling" if apply == "Rolling" else "Rolling (in-place resize unsupported by the cluster)"
+    out.template_request = c.new
+    out.changes.append((name, c, how))
+
+
+def _gpu_change(spec: PieDeploymentSpec, t: Tuning, pod: Pod, prev: dict[str, Any], view: PodView, stale: bool,
+                born: float, now: float) -> GpuChange | None:
+    name, effective = pod["metadata"]["name"], effective_budget(pod, prev)
+    total = view.last.metrics.bytes("pie_gpu_memory_total_bytes") if view.last and view.last.ok else None
+    wanted = spec.memory.gpu_memory_budget
+    if spec.memory.tuning.gpu_memory_budget_min is None:
+        if not effective or effective == wanted:
+            return None
+        return GpuChange(name, effective, wanted, resolve_budget(wanted, total), "Spec",
+                         f"memory.gpuMemoryBudget is {wanted}, the engine runs with {effective}")
+    cur = resolve_budget(effective, total) if effective else None
+    lo = resolve_budget(spec.memory.tuning.gpu_memory_budget_min, total)
+    hi = resolve_budget(wanted, total)
+    if cur is None or lo is None or hi is None:
+        return None  # a fraction while the GPU total is unknown: nothing to compare with
+    c = decide_gpu(GpuInputs(current=cur, lo=min(lo, hi), hi=hi, samples=view.samples, stale=stale,
+                             last_change=parse_ts(prev.get("gpuBudgetChangedAt")) or born), now, t)
+    if c is None:
+        return None
+    return GpuChange(name, effective, format_bytes(c.new), c.new, c.reason, c.message)

@@ -1,0 +1,254 @@
+"""The closed loop against real engines: the operator (a subprocess) reads real `pie-engine serve` processes that
+play the pods' containers on their loopback pod IPs (tests/e2e/engines.py), sizes memory from their metrics and runs
+gated rollouts. Timers are shortened through the spec (memory.tuning, rollout.stepTimeoutSeconds) and operator flags.
+
+Tests run in file order and share the namespace and the PieDeployment `loop` (the cluster has 2 GPUs: 2 pods).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster.cluster import Cluster
+from tests.e2e.engines import EngineFleet, Load
+from tests.e2e.helpers import PYTHONPATH, REPO, Operator, condition, events, get, new_namespace, wait_for
+
+pytestmark = pytest.mark.e2e
+# NOTE: every local cluster hands out the same pod IPs (127.0.<node+1>.x): a random port keeps these engines apart
+# from those of other test sessions on this machine.
+PORT = random.randint(20000, 29999)
+LOOP = "loop"
+Mi = 2**20
+
+
+def deployment(name: str, replicas: int, **spec: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "apiVersion": "pie.io/v1alpha1", "kind": "PieDeployment", "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas, "model": {"path": "/models/tiny"},
+            "engine": {"image": "pie-engine:v1", "port": PORT},
+            # A small device budget so a few concurrent requests make the engine expand into host memory.
+            "memory": {"gpuMemoryBudget": "256Ki", "base": "8Mi", "headroom": "0",
+                       "hostMemory": {"min": "0", "max": "256Mi"},
+                       "tuning": {"windowSeconds": 8, "minSamples": 3, "cooldownSeconds": 6,
+                                  "changeThresholdPercent": 10}},
+            "rollout": {"stepTimeoutSeconds": 30},
+        },
+    }
+    doc["spec"].update(spec)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def ns(k8s: Cluster) -> Iterator[str]:
+    name = new_namespace(k8s, "loop")
+    yield name
+    k8s.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    subprocess.run([sys.executable, "-m", "pie_engine", "make-test-model", "--out", str(out)], check=True, cwd=REPO,
+                   env={"PYTHONPATH": PYTHONPATH, "PATH": "/usr/bin:/bin"}, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def operator(k8s: Cluster, ns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    op = Operator(k8s, ns, tmp_path_factory.mktemp("operator") / "operator.log", "--resync-seconds", "2",
+                  "--metrics-interval-seconds", "1", "--metrics-timeout-seconds", "1")
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        print(f"--- operator log ({op.log}) ---\n{op.tail()}")
+
+
+@pytest.fixture(scope="module")
+def fleet(k8s: Cluster, ns: str, model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineFleet]:
+    with EngineFleet(k8s, ns, LOOP, model, tmp_path_factory.mktemp("engines")) as f:
+        yield f
+        print(f"--- engine logs ---\n{f.logs()}")
+
+
+def pods(k8s: Cluster, ns: str, name: str) -> list[dict[str, Any]]:
+    return [p for p in get(k8s, ns, "pods", "-l", f"pie.io/deployment={name}")["items"]
+            if not p["metadata"].get("deletionTimestamp")]
+
+
+def request_of(pod: dict[str, Any]) -> str:
+    return pod["spec"]["containers"][0]["resources"]["requests"]["memory"]
+
+
+def ready(k8s: Cluster, ns: str, name: str, replicas: int) -> dict[str, Any] | None:
+    """The PieDeployment once Ready: `replicas` pods of the update revision, each past its gate (engine healthy)."""
+    pied = get(k8s, ns, "pied", name)
+    st = pied.get("status", {})
+    ok = (st.get("observedGeneration") == pied["metadata"]["generation"] and st.get("phase") == "Ready"
+          and len(st.get("pods", [])) == replicas and len(pods(k8s, ns, name)) == replicas
+          and all(p["gatePassed"] and p["metrics"] == "ok" for p in st["pods"]))
+    return pied if ok else None
+
+
+def patch(k8s: Cluster, ns: str, name: str, spec: dict[str, Any]) -> None:
+    k8s.kubectl("patch", "-n", ns, "pied", name, "--type=merge", "-p", json.dumps({"spec": spec}))
+
+
+def test_stale_metrics_cause_no_change(k8s: Cluster, ns: str, model: Path, operator: Operator,
+                                       tmp_path: Path) -> None:
+    """One pod serves garbage on /metrics, the other serves nothing: a clear condition and Events, no decision."""
+    doc = deployment("junk", 2, rollout={"gate": {"engineHealth": False}})
+    doc["spec"]["memory"]["tuning"].update(cooldownSeconds=0, minSamples=1)
+    behaviours: dict[str, str] = {}
+
+    def behaviour(pod: dict[str, Any]) -> str:  # the first pod seen serves garbage, the other one nothing
+        return behaviours.setdefault(pod["metadata"]["name"], "none" if behaviours else "garbage")
+
+    with EngineFleet(k8s, ns, "junk", model, tmp_path / "junk", behaviour) as junk:
+        k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
+
+        def stale() -> dict[str, Any] | None:
+            pied = get(k8s, ns, "pied", "junk")
+            msg = condition(pied, "MetricsStale").get("message", "")
+            return pied if "garbage metrics" in msg and "unreachable" in msg else None
+
+        pied = wait_for(stale, "MetricsStale naming the garbage and the silent pod", timeout=60, op=operator)
+        assert condition(pied, "MetricsStale")["status"] == "True" and len(junk.started) == 2
+        before = {p["metadata"]["name"]: request_of(p) for p in pods(k8s, ns, "junk")}
+        wait_for(lambda: len([e for e in events(k8s, ns, "junk") if e["reason"] == "MetricsStale"]) >= 2,
+                 "a MetricsStale Event per pod", op=operator)
+        time.sleep(5)  # several scrape rounds and reconciles (1 s apart): still nothing may change
+        pied = get(k8s, ns, "pied", "junk")
+        assert pied["status"]["decisions"] == [] and pied["status"]["phase"] == "Ready"
+        assert {p["metadata"]["name"]: request_of(p) for p in pods(k8s, ns, "junk")} == before
+        assert {p["metrics"].split(" ")[0] for p in pied["status"]["pods"]} == {"garbage", "unreachable"}
+        k8s.kubectl("delete", "-n", ns, "pied", "junk")
+        # Garbage collection of a fresh CRD's children can lag ~30 s (controller-manager discovery): the GPUs are
+        # needed now, so delete the pods too (nothing recreates them: their PieDeployment is gone).
+        k8s.kubectl("delete", "-n", ns, "pods", "-l", "pie.io/deployment=junk", "--wait=false")
+        wait_for(lambda: not pods(k8s, ns, "junk"), "junk's pods to go (they hold both GPUs)", timeout=60)
+
+
+def test_memory_follows_the_load_in_place(k8s: Cluster, ns: str, operator: Operator, fleet: EngineFleet) -> None:
+    k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(deployment(LOOP, 1)))
+    pied = wait_for(lambda: ready(k8s, ns, LOOP, 1), "loop Ready with a healthy engine", timeout=90, op=operator)
+    (pod,) = pods(k8s, ns, LOOP)
+    name, initial = pod["metadata"]["name"], request_of(pod)
+    assert initial == "8Mi" and pied["status"]["memory"]["hostMemoryRequest"] == "8Mi"
+
+    with Load(f"http://{pod['status']['podIP']}:{PORT}", LOOP) as load:
+        def grown() -> dict[str, Any] | None:
+            (p,) = pods(k8s, ns, LOOP)
+            return p if request_of(p) != initial else None
+
+        grew = wait_for(grown, "the memory request to follow the engine's host KV", timeout=90, op=operator)
+        assert load.completed > 0, load.errors[:3]
+    assert grew["metadata"]["name"] == name  # resized in place: same pod, no restart, KV kept
+    pied = get(k8s, ns, "pied", LOOP)
+    raised = request_of(grew)
+    decision = pied["status"]["decisions"][-1]
+    assert (decision["pod"], decision["field"], decision["from"], decision["reason"], decision["via"]) == (
+        name, "memory", "8Mi", "Metrics", "InPlace")
+    assert pied["status"]["memory"]["hostMemoryRequest"] == decision["to"] == raised
+    header, row = k8s.kubectl("get", "-n", ns, "pied", LOOP).stdout.splitlines()
+    assert header.split()[:6] == ["NAME", "READY", "EXPANSION", "HOST-MEM", "GPU-BUDGET", "STATUS"]
+    cols = row.split()
+    assert (cols[0], cols[3], cols[4]) == (LOOP, raised, "256Ki") and float(cols[2]) >= 1.0
+    assert any(e["reason"] == "MemoryDecision" and name in e["message"] for e in events(k8s, ns, LOOP))
+
+    # The load is gone: after the window and the cooldown the request comes back to the minimum.
+    back = wait_for(lambda: (p := pods(k8s, ns, LOOP)) and request_of(p[0]) == "8Mi" and p[0],
+                    "the request to come back down after the cooldown", timeout=90, op=operator)
+    assert back["metadata"]["name"] == name
+    assert get(k8s, ns, "pied", LOOP)["status"]["decisions"][-1]["to"] == "8Mi"
+
+
+def snapshot(k8s: Cluster, ns: str) -> list[tuple[str, str, bool]]:
+    return [(p["name"], p["revision"], p["gatePassed"]) for p in get(k8s, ns, "pied", LOOP)["status"]["pods"]]
+
+
+def test_image_change_rolls_out_one_gated_pod_at_a_time(k8s: Cluster, ns: str, operator: Operator,
+                                                        fleet: EngineFleet) -> None:
+    patch(k8s, ns, LOOP, {"replicas": 2})
+    wait_for(lambda: ready(k8s, ns, LOOP, 2), "2 healthy engines", timeout=90, op=operator)
+    old = {p["metadata"]["name"] for p in pods(k8s, ns, LOOP)}
+    patch(k8s, ns, LOOP, {"engine": {"image": "pie-engine:v2", "port": PORT}})
+    seen: list[list[tuple[str, str, bool]]] = []
+
+    def done() -> dict[str, Any] | None:
+        seen.append(snapshot(k8s, ns))
+        pied = ready(k8s, ns, LOOP, 2)
+        return pied if pied and not old & {p["metadata"]["name"] for p in pods(k8s, ns, LOOP)} else None
+
+    pied = wait_for(done, "the image rollout to finish", timeout=120, op=operator, interval=0.2)
+    # One step at a time: never fewer than replicas - maxUnavailable = 1 pod past its gate.
+    assert all(sum(passed for _, _, passed in s) >= 1 for s in seen), seen
+    new = fleet.seen - old
+    assert len(new) == 2 and all(fleet.started[n] == "engine" for n in new)
+    reasons = [e["reason"] for e in events(k8s, ns, LOOP)]
+    assert reasons.count("DeletedOutdated") >= 2
+    assert pied["status"]["rollout"]["phase"] == "Complete"
+    assert pied["status"]["rollout"]["lastGoodRevision"] == pied["status"]["updateRevision"]
+
+
+def test_failed_gate_pauses_then_rolls_back(k8s: Cluster, ns: str, operator: Operator, fleet: EngineFleet) -> None:
+    good = get(k8s, ns, "pied", LOOP)["status"]["updateRevision"]
+    patch(k8s, ns, LOOP, {"engine": {"image": "pie-engine:v2", "port": PORT, "args": ["--max-num-seqs=0"]}})
+
+    def paused() -> dict[str, Any] | None:
+        pied = get(k8s, ns, "pied", LOOP)
+        return pied if pied["status"].get("rollout", {}).get("phase") == "Paused" else None
+
+    pied = wait_for(paused, "the rollout to pause on the failed gate", timeout=90, op=operator)
+    degraded = condition(pied, "Degraded")
+    assert (pied["status"]["phase"], degraded["status"], degraded["reason"]) == ("Degraded", "True", "GateFailed")
+    assert "engine unhealthy: unreachable" in degraded["message"]
+    assert condition(pied, "Progressing")["reason"] == "ProgressDeadlineExceeded"
+    revisions = sorted(p["metadata"]["labels"]["pie.io/template-hash"] for p in pods(k8s, ns, LOOP))
+    assert len(revisions) == 2 and good in revisions  # paused after one step: the other pod still serves
+
+    patch(k8s, ns, LOOP, {"rollout": {"stepTimeoutSeconds": 30, "autoRollback": True}})
+
+    def rolled_back() -> dict[str, Any] | None:
+        pied = get(k8s, ns, "pied", LOOP)
+        st = pied["status"]
+        ok = (st.get("rollout", {}).get("phase") == "RolledBack" and len(st["pods"]) == 2
+              and all(p["revision"] == good and p["gatePassed"] for p in st["pods"]))
+        return pied if ok else None
+
+    pied = wait_for(rolled_back, "the rollback to the last good revision", timeout=90, op=operator)
+    assert condition(pied, "Degraded")["reason"] == "RolledBack"
+    assert pied["status"]["rollout"]["failedRevision"] != good
+    patch(k8s, ns, LOOP, {"engine": {"image": "pie-engine:v2", "port": PORT, "args": []}})  # back to good
+    wait_for(lambda: ready(k8s, ns, LOOP, 2), "the spec back on the good revision", timeout=60, op=operator)
+
+
+def test_operator_restart_mid_rollout_finishes_without_extra_deletions(
+        k8s: Cluster, ns: str, operator: Operator, fleet: EngineFleet) -> None:
+    before = {p["metadata"]["name"] for p in pods(k8s, ns, LOOP)}
+    seen_before = set(fleet.seen)
+    patch(k8s, ns, LOOP, {"engine": {"image": "pie-engine:v3", "port": PORT, "args": []}})
+    rev = wait_for(lambda: (r := get(k8s, ns, "pied", LOOP)["status"].get("rollout", {}).get("revision")) and
+                   r != get(k8s, ns, "pied", LOOP)["status"]["rollout"].get("lastGoodRevision") and r,
+                   "the new rollout to start", op=operator)
+    wait_for(lambda: any(p["metadata"]["labels"]["pie.io/template-hash"] == rev for p in pods(k8s, ns, LOOP)),
+             "the first new pod", op=operator, interval=0.1)
+    operator.kill()  # mid-rollout: one old pod replaced, its replacement not yet past its gate
+    operator.start()
+    pied = wait_for(lambda: (p := ready(k8s, ns, LOOP, 2)) and p["status"]["updateRevision"] == rev and p,
+                    "the rollout to finish after the restart", timeout=120, op=operator)
+    new = fleet.seen - seen_before
+    assert len(new) == 2, f"pods created: {sorted(new)} (a restart must not replace a pod twice)"
+    assert not before & {p["metadata"]["name"] for p in pods(k8s, ns, LOOP)}
+    assert pied["status"]["rollout"]["phase"] == "Complete"

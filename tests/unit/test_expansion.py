@@ -1,0 +1,207 @@
+"""ExpansionController: table tests against a simulated engine whose swap overhead depends on m."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+import pytest
+
+from pie_engine.expansion import (
+    ControllerConfig,
+    ExpansionController,
+    IterationSample,
+    layers_for_ratio,
+    parse_expansion,
+)
+from pie_engine.latency_baseline import LatencyBaseline
+from pie_engine.swap_schedule import SwapGeometry
+
+N = 8
+GEO = SwapGeometry(num_layers=N, pool_blocks=N * 100, num_staging=2, layer_block_bytes=1000)
+
+
+def run(ctrl: ExpansionController, iters: int, overhead: Callable[[int], float], *, stall_share: float = 1.0,
+        waiting: int = 1, blocks: int | None = None, seed: int = 0) -> list[int]:
+    """Simulated engine: iteration = base(tokens) * (1 + overhead(m)); ``stall_share`` of the extra is stall (the
+    rest is compute slowed down, e.g. by copy threads). Returns m after every iteration."""
+    rng = random.Random(seed)
+    history = []
+    for _ in range(iters):
+        tokens = rng.randint(50, 150)
+        base = 0.01 + 1e-4 * tokens
+        extra = base * overhead(ctrl.m)
+        used = blocks if blocks is not None else GEO.capacity_blocks(ctrl.m)
+        ctrl.update(IterationSample(base + extra, extra * stall_share, tokens, num_waiting=waiting,
+                                    blocks_in_use=used))
+        history.append(ctrl.m)
+    return history
+
+
+def steps_of(history: list[int]) -> list[int]:
+    """The sequence of distinct m values taken."""
+    return [m for i, m in enumerate(history) if i == 0 or m != history[i - 1]]
+
+
+def test_grows_one_layer_at_a_time_under_demand_with_zero_stall() -> None:
+    ctrl = ExpansionController(GEO)
+    hist = run(ctrl, 200, lambda m: 0.0)
+    assert steps_of(hist) == list(range(N))  # 0, 1, ..., n - 1: one at a time, never back
+    assert ctrl.m == N - 1 and ctrl.num_shrinks == 0
+    cfg = ctrl.config
+    first_grow = hist.index(1) + 1
+    assert first_grow == cfg.window  # patience: a full window of evidence (no cooldown before the first)
+    assert hist.index(2) - hist.index(1) == cfg.cooldown + cfg.window
+
+
+def test_no_demand_no_growth() -> None:
+    ctrl = ExpansionController(GEO)
+    assert set(run(ctrl, 100, lambda m: 0.0, waiting=0, blocks=10)) == {0}
+
+
+def test_shrinks_on_overhead_and_settles() -> None:
+    ctrl = ExpansionController(GEO)
+    hist = run(ctrl, 400, lambda m: 0.0 if m <= 2 else 0.10)
+    assert steps_of(hist) == [0, 1, 2, 3, 2]  # probes 3, sees 10% > 5%, backs off and stays
+    assert ctrl.m == 2 and ctrl.transparent_limit == 2 and ctrl.num_shrinks == 1
+    assert ctrl.state()["ceiling"] == 3 and ctrl.state()["last_decision"] == "hold"
+
+
+def test_ceiling_expires_and_reprobes() -> None:
+    ctrl = ExpansionController(GEO, config=ControllerConfig(ceiling_ttl=60))
+    hist = run(ctrl, 300, lambda m: 0.0 if m <= 1 else 0.10)
+    shrinks = sum(1 for a, b in zip(hist, hist[1:], strict=False) if b < a)
+    assert 2 <= shrinks <= 300 // 60 + 1  # re-probes once per ttl, never faster
+    assert max(hist) == 2 and hist[-1] in (1, 2)
+
+
+def test_holds_inside_hysteresis_band() -> None:
+    ctrl = ExpansionController(GEO)  # grow below 2%, shrink above 5%
+    hist = run(ctrl, 300, lambda m: 0.0 if m < 2 else 0.03)
+    assert steps_of(hist) == [0, 1, 2] and ctrl.num_shrinks == 0
+
+
+def test_single_slow_iteration_does_not_shrink() -> None:
+    ctrl = ExpansionController(GEO)
+    run(ctrl, 30, lambda m: 0.0)
+    m = ctrl.m
+    # One iteration 25% slower (base time at 100 tokens is 0.02 s), all of it stall: diluted by the window.
+    ctrl.update(IterationSample(0.025, 0.005, 100, num_waiting=1, blocks_in_use=GEO.capacity_blocks(m)))
+    hist = run(ctrl, ctrl.config.window - 1, lambda m: 0.0, seed=1)
+    assert min(hist) >= m
+
+
+def test_overhead_without_stall_is_caught_by_the_baseline() -> None:
+    """On CPU the copy threads slow compute down without any stall: the m = 0 baseline sees it."""
+    ctrl = ExpansionController(GEO)
+    hist = run(ctrl, 300, lambda m: 0.0 if m <= 1 else 0.15, stall_share=0.0)
+    assert ctrl.baseline.num_samples >= ctrl.config.baseline_min_samples
+    assert steps_of(hist) == [0, 1, 2, 1] and ctrl.m == 1 and ctrl.transparent_limit == 1
+
+
+def test_idle_gives_layers_back() -> None:
+    ctrl = ExpansionController(GEO)
+    run(ctrl, 60, lambda m: 0.0)
+    grown = ctrl.m
+    assert grown >= 3
+    hist = run(ctrl, 600, lambda m: 0.0, waiting=0, blocks=20)
+    assert steps_of([grown, *hist]) == list(range(grown, -1, -1))  # one at a time, down to 0
+
+
+def test_host_limit_bounds_adaptive_and_static() -> None:
+    limit = GEO.host_bytes(3)
+    ctrl = ExpansionController(GEO, host_memory_limit=limit)
+    assert max(run(ctrl, 300, lambda m: 0.0)) == 3 == ctrl.max_layers_on_host
+    static = ExpansionController(GEO, "static", 8.0, host_memory_limit=limit)
+    assert static.m == 3 and GEO.host_bytes(static.m) <= limit
+
+
+@pytest.mark.parametrize(("ratio", "m"), [(1.0, 0), (1.3, 2), (2.0, 4), (4.0, 6), (100.0, 7)])
+def test_static_mode(ratio: float, m: int) -> None:
+    assert layers_for_ratio(N, ratio) == m
+    ctrl = ExpansionController.from_setting(str(ratio), GEO)
+    assert ctrl.mode == "static" and ctrl.m == m
+    assert set(run(ctrl, 50, lambda m: 0.5)) == {m}  # overhead does not move a static m
+
+
+def test_off_mode() -> None:
+    ctrl = ExpansionController.from_setting("off", GEO)
+    assert set(run(ctrl, 50, lambda m: 0.0, waiting=5)) == {0}
+
+
+def test_parse_expansion() -> None:
+    assert parse_expansion("off") == ("off", None)
+    assert parse_expansion(" Adaptive ") == ("adaptive", None)
+    assert parse_expansion("2.5") == ("static", 2.5)
+    for bad in ("0.5", "abc", "inf", "nan", ""):
+        with pytest.raises(ValueError, match="expansion"):
+            parse_expansion(bad)
+    with pytest.raises(ValueError, match="mode"):
+        ExpansionController(GEO, "sometimes")
+
+
+def test_reject() -> None:
+    ctrl = ExpansionController(GEO)
+    run(ctrl, 60, lambda m: 0.0)
+    m = ctrl.m
+    assert ctrl.reject(m) == m - 1
+    assert max(run(ctrl, 200, lambda m: 0.0)) == m - 1
+
+
+def test_recommendations() -> None:
+    cfg = ControllerConfig(headroom=1.0)
+    ctrl = ExpansionController(GEO, config=cfg)
+    assert ctrl.recommended_host_memory_bytes == ctrl.recommended_gpu_memory_bytes == 0
+    run(ctrl, 400, lambda m: 0.0 if m <= 2 else 0.10, blocks=150)  # settles at 2 (3 caused overhead)
+    assert ctrl.m == 2 and ctrl.transparent_limit == 2 and ctrl.peak_blocks == 150
+    bb = GEO.layer_block_bytes
+    # Host: the 2 + k host-backed layers hold the peak 150 blocks (C(2) = 133 caps it).
+    assert ctrl.recommended_host_memory_bytes == (2 + 2) * min(150, GEO.capacity_blocks(2)) * bb
+    # GPU: 150 blocks per layer at m = 2 need 6 slots of 150 blocks.
+    assert ctrl.recommended_gpu_memory_bytes == (N - 2) * 150 * bb
+    ctrl.update(IterationSample(0.01, 0.0, 10, blocks_in_use=10, blocks_wanted=400))  # waiting queue demand
+    assert ctrl.recommended_gpu_memory_bytes == (N - 2) * 400 * bb
+    padded = ExpansionController(GEO, "static", 2.0, config=ControllerConfig(headroom=1.5))
+    padded.update(IterationSample(0.01, 0.0, 10, blocks_in_use=101))
+    assert padded.recommended_host_memory_bytes == math.ceil(1.5 * (4 + 2) * 101 * bb)
+    assert padded.recommended_gpu_memory_bytes == math.ceil(1.5 * 4 * 101 * bb)
+    off = ExpansionController(GEO, "off")
+    off.update(IterationSample(0.01, 0.0, 10, blocks_in_use=50))
+    assert off.recommended_host_memory_bytes == 0 and off.recommended_gpu_memory_bytes == math.ceil(1.1 * N * 50 * bb)
+    state = ctrl.state()
+    assert state["recommended_gpu_memory_bytes"] == ctrl.recommended_gpu_memory_bytes and state["mode"] == "adaptive"
+
+
+def test_peak_is_a_sliding_window_max() -> None:
+    ctrl = ExpansionController(GEO, "off", config=ControllerConfig(peak_window=5))
+    seen = [3, 9, 4, 2, 7, 1, 1, 1, 1, 1, 6]
+    for i, blocks in enumerate(seen):
+        ctrl.update(IterationSample(0.01, 0.0, 10, blocks_in_use=blocks))
+        assert ctrl.peak_blocks == max(seen[max(0, i - 4):i + 1])
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="grow_overhead"):
+        ControllerConfig(epsilon=0.05, grow_overhead=0.05)
+    with pytest.raises(ValueError, match="headroom"):
+        ControllerConfig(headroom=0.9)
+    with pytest.raises(ValueError, match="window"):
+        ControllerConfig(window=0)
+
+
+def test_latency_baseline_fits_and_refuses_to_extrapolate() -> None:
+    b = LatencyBaseline(decay=1.0, min_samples=4)
+    rng = random.Random(0)
+    assert b.predict(100) is None
+    for _ in range(20):
+        t, c = rng.randint(10, 200), rng.randint(0, 5000)
+        b.add(0.002 + 3e-5 * t + 1e-6 * c, t, c)
+    assert b.predict(120, 2500) == pytest.approx(0.002 + 3e-5 * 120 + 1e-6 * 2500, rel=1e-3)
+    assert b.predict(700, 2500) == pytest.approx(0.002 + 3e-5 * 700 + 1e-6 * 2500, rel=1e-2)  # linear beyond
+    assert b.predict(1000, 2500) is None  # more than 4x beyond the token range it saw
+    flat = LatencyBaseline(min_samples=2)
+    for _ in range(5):
+        flat.add(0.5, 64)  # one batch size, no context reported: still predicts that point
+    assert flat.predict(64) == pytest.approx(0.5, rel=1e-3)
+    assert flat.predict(100) is None  # no slope was ever observed: do not guess it
