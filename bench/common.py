@@ -118,7 +118,8 @@ def save(name: str, result: dict) -> Path:
     return path
 
 
-def bar_plot(path: Path, title: str, groups: list[str], series: dict[str, list[float]], ylabel: str) -> None:
+def bar_plot(path: Path, title: str, groups: list[str], series: dict[str, list[float]], ylabel: str,
+             log: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,6 +133,8 @@ def bar_plot(path: Path, title: str, groups: list[str], series: dict[str, list[f
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()

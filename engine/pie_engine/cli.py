@@ -6,6 +6,7 @@ NOTE: the operator starts engines with exactly these ``serve`` flags; renaming o
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from enum import Enum
@@ -48,14 +49,25 @@ def _exit_quietly(signum: int, frame: object) -> None:
 
 
 def _check_expansion(value: str) -> None:
-    if value in ("off", "adaptive"):
-        return
+    from pie_engine.expansion import parse_expansion
+
     try:
-        ratio = float(value)
+        parse_expansion(value)
     except ValueError:
-        ratio = 0.0
-    if ratio < 1.0:
         _fail(f"--expansion must be off, adaptive or a ratio >= 1.0 (e.g. 2.0), got {value!r}")
+
+
+def _admin_token(path: Path | None) -> str | None:
+    """The admin bearer token: --admin-token-file, else $PIE_ADMIN_TOKEN, else None (admin endpoints disabled)."""
+    if path is None:
+        return os.environ.get("PIE_ADMIN_TOKEN", "").strip() or None
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        _fail(f"--admin-token-file: {e}")
+    if not token:
+        _fail(f"--admin-token-file {path} is empty")
+    return token
 
 
 @app.command()
@@ -77,7 +89,13 @@ def serve(
     seed: int = typer.Option(0, help="seed for requests without their own seed"),
     expansion: str = typer.Option("off", help="Pie KV expansion: off | adaptive | <ratio>"),
     host_memory_limit: str | None = typer.Option(None, help='cap on host KV memory, bytes ("16Gi")'),
-    admin_token_file: Path | None = typer.Option(None, help="file with the bearer token for admin endpoints"),
+    admin_token_file: Path | None = typer.Option(
+        None, help="file with the bearer token for admin endpoints (default: $PIE_ADMIN_TOKEN; none: disabled)"),
+    swap_staging_slots: int = typer.Option(2, min=1, help="Pie: device slots host-backed layers rotate through"),
+    expansion_epsilon: float = typer.Option(0.05, min=0.0, help="adaptive: shrink when latency overhead > this"),
+    expansion_grow_overhead: float = typer.Option(0.02, min=0.0, help="adaptive: grow only while overhead < this"),
+    expansion_window: int = typer.Option(8, min=1, help="adaptive: iterations of evidence per decision"),
+    expansion_cooldown: int = typer.Option(4, min=0, help="adaptive: iterations ignored after a change"),
     log_level: str = typer.Option("info", help="uvicorn / engine log level"),
 ) -> None:
     """Run the OpenAI-compatible server."""
@@ -91,21 +109,22 @@ def serve(
             parse_budget(gpu_memory_budget, total=1)  # syntax only; the device total is known after loading
     except ValueError as e:
         _fail(str(e))
-    admin_token = None
-    if admin_token_file is not None:
-        try:
-            admin_token = admin_token_file.read_text().strip()
-        except OSError as e:
-            _fail(f"--admin-token-file: {e}")
-        if not admin_token:
-            _fail(f"--admin-token-file {admin_token_file} is empty")
+    admin_token = _admin_token(admin_token_file)
     config = EngineConfig(
         model=str(model), served_model_name=served_model_name, dtype=dtype.value, device=device.value,
         max_model_len=max_model_len, block_size=block_size, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, gpu_memory_budget=gpu_memory_budget,
         num_device_blocks=num_device_blocks, enable_prefix_caching=enable_prefix_caching,
         max_waiting_requests=max_waiting_requests, seed=seed, expansion=expansion,
-        host_memory_limit=host_memory_limit)
+        host_memory_limit=host_memory_limit, swap_staging_slots=swap_staging_slots,
+        expansion_epsilon=expansion_epsilon, expansion_grow_overhead=expansion_grow_overhead,
+        expansion_window=expansion_window, expansion_cooldown=expansion_cooldown)
+    from pie_engine.expansion_runtime import controller_config_from
+
+    try:
+        controller_config_from(config)
+    except ValueError as e:
+        _fail(f"--expansion-epsilon / --expansion-grow-overhead: {e}")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 

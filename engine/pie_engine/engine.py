@@ -9,6 +9,7 @@ from typing import Any
 
 from pie_engine.block_manager import BlockManager
 from pie_engine.config import EngineConfig
+from pie_engine.expansion_runtime import ExpansionRuntime
 from pie_engine.output_processor import OutputProcessor, RequestOutput
 from pie_engine.sampler import Sampler
 from pie_engine.sampling_params import SamplingParams
@@ -48,8 +49,10 @@ class LLMEngine:
                                    max_model_len=self.max_model_len)
         self.sampler = Sampler(config.seed)
         self.output_processor = OutputProcessor(self.tokenizer)
+        # Pie: the swapping cache's controller loop (a no-op with expansion off) and its metrics.
+        self.pie = ExpansionRuntime(self.runner.kv_cache, self.scheduler, config, self.runner.device)
         # Extra prometheus collectors (e.g. the Pie KV-swap metrics); the server registers them in its registry.
-        self.metrics_collectors: list[Any] = []
+        self.metrics_collectors: list[Any] = list(self.pie.collectors)
         self.num_steps = 0
         self._ids = itertools.count()
 
@@ -100,13 +103,16 @@ class LLMEngine:
     # ------------------------------------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
         """Run one forward pass over the scheduled batch; returns the outputs of requests that progressed."""
+        start = self.pie.clock()
         plan = self.scheduler.schedule()
         done_early, self.scheduler.finished_early = self.scheduler.finished_early, []
         if plan.is_empty:
             return self.output_processor.process(done_early, self.scheduler.finish)
+        self.pie.fill_plan(plan)
         logits = self.runner.execute(plan)
         sampled = self.sampler(logits, [s.seq for s in plan.scheduled if s.sample])
         updated = self.scheduler.update(plan, sampled.token_ids, sampled.logprobs)
+        self.pie.after_step(plan, self.pie.clock() - start)  # may change m (and preempt) between steps
         self.num_steps += 1
         return self.output_processor.process(done_early + updated, self.scheduler.finish)
 
@@ -117,7 +123,10 @@ class LLMEngine:
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        ids = [self.add_request(None, p, sp).request_id for p, sp in zip(prompts, plist, strict=True)]
+        token_ids = [self.tokenize(p) for p in prompts]
+        for ids, sp in zip(token_ids, plist, strict=True):
+            self.validate(ids, sp)  # all before any is queued: a bad prompt leaves nothing behind
+        ids = [self.add_request(None, p, sp).request_id for p, sp in zip(token_ids, plist, strict=True)]
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
             for out in self.step():

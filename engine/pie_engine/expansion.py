@@ -213,6 +213,27 @@ class ExpansionController:
         self.last_decision = f"m = {m} rejected by the engine"
         return self.m
 
+    def layers_for_geometry(self, geometry: SwapGeometry) -> int:
+        """The m to run at after the device pool changes to ``geometry`` (a new device KV budget): the current m
+        (static: the configured one), lowered if its host KV no longer fits the host limit."""
+        top = geometry.max_layers_on_host(self.host_memory_limit)
+        if self.mode == "static":
+            assert self.ratio is not None
+            return min(layers_for_ratio(geometry.num_layers, self.ratio), top)
+        return min(self.m, top)
+
+    def set_geometry(self, geometry: SwapGeometry, m: int) -> None:
+        """The engine resized the device pool and now runs at ``m``. The latency baseline and what is known about
+        transparency stay: both depend on m and the load, not on the budget (copies move the used prefix)."""
+        self.geometry = geometry
+        self.max_layers_on_host = geometry.max_layers_on_host(self.host_memory_limit)
+        if m != self.m:
+            self._previous_m, self.m = self.m, m
+        self.last_decision = f"device pool resized to {geometry.pool_blocks} layer-blocks at m = {m}"
+        self._window.clear()
+        self._idle.clear()
+        self._cooldown = self.config.cooldown
+
     # -------------------------------------------------------------------------------------------- reporting
     @property
     def recommended_host_memory_bytes(self) -> int:

@@ -13,12 +13,13 @@ Swap-ins copy only the block prefix ``[0, num_blocks_in_use)``: the block manage
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from pie_engine.copy_engine import CopyHandle, LinkModel, Trace, copy_blocks, make_copy_engine
 from pie_engine.kv_cache import KVCache
+from pie_engine.kv_swap_reconfig import check_feasible, relayout
 from pie_engine.plan import StepPlan
 from pie_engine.swap_schedule import SwapGeometry, SwapSchedule
 
@@ -61,7 +62,7 @@ class LayerSwapKVCache(KVCache):
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
         self.trace = trace
         self._block_elems = 2 * block_size * num_kv_heads * head_dim
-        self.pool = torch.zeros(self.geometry.pool_blocks * self._block_elems, dtype=dtype, device=self.device)
+        self.pool = self._alloc_pool(self.geometry.pool_blocks)
         self.engine = make_copy_engine(self.device, link_in, link_out, trace)
         self._host: dict[int, torch.Tensor] = {}  # host-backed layer -> [2, cap, BS, Hkv, D]
         self._host_cap = 0  # blocks each host copy holds (grown lazily up to C)
@@ -90,10 +91,7 @@ class LayerSwapKVCache(KVCache):
 
     def check_layers_on_host(self, m: int) -> None:
         """Raise ValueError unless ``m`` is in range and its host KV fits ``host_memory_limit``."""
-        self.geometry.check(m)
-        if not self.geometry.feasible(m, self.host_memory_limit):
-            raise ValueError(f"layers_on_host={m} needs {self.geometry.host_bytes(m)} bytes of host KV, over the "
-                             f"host memory limit of {self.host_memory_limit} bytes")
+        check_feasible(self, self.geometry, m)
 
     def _layout(self, m: int) -> None:
         self.schedule: SwapSchedule = self.geometry.schedule(m)
@@ -233,48 +231,15 @@ class LayerSwapKVCache(KVCache):
         the highest block id whose KV must survive (in use or prefix-cached), i.e. ``max_used_block_id + 1``;
         it must be <= C_new (the scheduler preempts owners of higher ids first). Default: keep everything.
         """
-        if self._in_step:
-            raise RuntimeError("set_layers_on_host must be called between steps")
-        self.check_layers_on_host(m)
-        c_old, c_new = self.num_blocks, self.geometry.capacity_blocks(m)
-        if keep_blocks is not None and keep_blocks > c_new:
-            raise ValueError(f"cannot shrink to {c_new} blocks per layer: blocks up to {keep_blocks - 1} hold KV "
-                             "(preempt their owners first)")
-        keep = min(c_old, c_new, c_new if keep_blocks is None else keep_blocks)
-        self.engine.synchronize()
-        self._pending.clear()
-        self._last_wb.clear()
-        self._slot_wb.clear()
-        self._phase = 0
-        if m == self.layers_on_host:
-            return c_new
-        old, new = self.schedule, self.geometry.schedule(m)
-        # Phase 1: lift every old-resident layer's blocks off the device before any slot is rewritten (the old
-        # and new slot views alias the same pool). Old host-backed layers are already current on the host.
-        data: dict[int, torch.Tensor] = dict(self._host)  # where each layer's KV is now (absent: never written)
-        for layer in old.resident:
-            data[layer] = self._alloc_host(keep, pinned=False)
-            copy_blocks(data[layer], self._views[old.slot(layer)], 0, keep)
-        # Phase 2: host copies of the new host-backed set (capacity: what was in use, at most C_new).
-        cap = min(c_new, max(self._host_cap, keep)) if new.host_backed else 0
-        host: dict[int, torch.Tensor] = {}
-        for layer in new.host_backed:
-            src = data.get(layer)
-            if src is not None and src is self._host.get(layer) and src.shape[1] == cap:
-                host[layer] = src  # already host-backed at the right size: nothing to move
-                continue
-            host[layer] = self._alloc_host(cap)
-            if src is not None:
-                copy_blocks(host[layer], src, 0, min(keep, src.shape[1], cap))
-        # Phase 3: the new layout; resident layers come back onto the device.
-        self._set_host(host, cap)
-        self._layout(m)
-        for layer in new.resident:
-            if (src := data.get(layer)) is not None:
-                copy_blocks(self._views[new.slot(layer)], src, 0, min(keep, src.shape[1]))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return c_new
+        return relayout(self, self.geometry, m, keep_blocks)
+
+    def resize_pool(self, pool_blocks: int, m: int, keep_blocks: int | None = None) -> int:
+        """Between steps: a new device KV budget of ``pool_blocks`` layer-blocks, with ``m`` layers on host;
+        returns the new C. Same data rules as ``set_layers_on_host``; a failed allocation changes nothing."""
+        return relayout(self, replace(self.geometry, pool_blocks=pool_blocks), m, keep_blocks)
+
+    def _alloc_pool(self, pool_blocks: int) -> torch.Tensor:
+        return torch.zeros(pool_blocks * self._block_elems, dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------------------------------ state
     def stats(self) -> SwapStats:

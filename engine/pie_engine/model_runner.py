@@ -11,7 +11,7 @@ import torch
 from pie_engine.attention import AttentionMetadata
 from pie_engine.config import EngineConfig
 from pie_engine.device import num_blocks_for_budget, resolve_device
-from pie_engine.kv_cache import DeviceKVCache, KVCache
+from pie_engine.kv_cache import KVCache
 from pie_engine.models.loader import load_model, resolve_dtype
 from pie_engine.models.model_config import ModelConfig
 from pie_engine.plan import ScheduledSeq, StepPlan
@@ -71,8 +71,10 @@ class ModelRunner:
 
     def _make_kv_cache(self, num_blocks: int) -> KVCache:
         """The single place the KV cache is built (the Pie swapping cache substitutes here)."""
+        from pie_engine.expansion_runtime import make_kv_cache
+
         mc = self.model_config
-        return DeviceKVCache(mc.num_hidden_layers, num_blocks, self.block_size, mc.num_key_value_heads,
+        return make_kv_cache(self.config, mc.num_hidden_layers, num_blocks, self.block_size, mc.num_key_value_heads,
                              mc.head_dim, self.dtype, self.device)
 
     @torch.inference_mode()

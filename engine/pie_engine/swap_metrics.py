@@ -55,10 +55,12 @@ def _gpu_memory(device: torch.device | None) -> tuple[int, int]:
 
 
 def expansion_state(kv_cache: KVCache | None, controller: ExpansionController | None = None,
-                    device: torch.device | None = None) -> dict:
+                    device: torch.device | None = None, blocks_in_use: Callable[[], int] | None = None) -> dict:
     """Everything the metrics export, as JSON-able values (GET /v1/pie/expansion).
 
     Works for any KVCache: without swapping (DeviceKVCache) the ratio is 1 and the host figures are 0.
+    ``blocks_in_use``: the block manager's blocks in use NOW; without it host KV use is the last step's, which an
+    idle engine would keep reporting after its requests finished.
     """
     state: dict = {"mode": "off", "layers_on_host": 0, "expansion_ratio": 1.0, "device_kv_capacity_bytes": 0,
                    "host_kv_capacity_bytes": 0, "host_kv_used_bytes": 0, "swap_in_bytes_total": 0,
@@ -67,7 +69,11 @@ def expansion_state(kv_cache: KVCache | None, controller: ExpansionController | 
                    "recommended_gpu_memory_bytes": 0}
     if isinstance(kv_cache, LayerSwapKVCache):
         state["mode"] = "static"  # swapping without a controller: a fixed m
-        state.update(vars(kv_cache.stats()))
+        stats = kv_cache.stats()
+        state.update(vars(stats))
+        if blocks_in_use is not None:
+            hosted = kv_cache.geometry.num_host_backed(stats.layers_on_host)
+            state["host_kv_used_bytes"] = min(blocks_in_use(), stats.num_blocks) * kv_cache.block_bytes * hosted
         state["num_layers"] = kv_cache.num_layers
         state["host_memory_limit"] = kv_cache.host_memory_limit
     elif kv_cache is not None:
@@ -89,8 +95,9 @@ class SwapMetrics(Collector):
     ``LLMEngine.metrics_collectors``). Call ``observe_iteration(seconds)`` after every engine iteration."""
 
     def __init__(self, kv_cache: KVSource, controller: ExpansionController | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, blocks_in_use: Callable[[], int] | None = None) -> None:
         self._kv, self.controller, self.device = kv_cache, controller, device
+        self.blocks_in_use = blocks_in_use
         self.iteration_seconds = Histogram("pie_iteration_seconds", "Engine iteration (step) time",
                                            buckets=ITERATION_BUCKETS, registry=None)
 
@@ -105,7 +112,7 @@ class SwapMetrics(Collector):
         self.iteration_seconds.observe(seconds)
 
     def state(self) -> dict:
-        return expansion_state(self.kv_cache(), self.controller, self.device)
+        return expansion_state(self.kv_cache(), self.controller, self.device, self.blocks_in_use)
 
     def describe(self) -> Iterator[Metric]:
         for name, (_, doc) in _GAUGES.items():

@@ -103,6 +103,10 @@ def apply_gpu(body: dict[str, Any], pods: dict[str, Pod], changes: list[GpuChang
         else:
             res = set_gpu_budget(pod["status"]["podIP"], port, token, g.bytes)
             result_detail, live, restart = res.detail, res.applied, res.needs_restart
+            if res.rejected:  # the engine refuses the value: say so once, do not force it through a restart
+                history.add(g.pod, "gpuMemoryBudget", g.old, g.new, g.reason, g.message,
+                            f"rejected by the engine ({res.detail})")
+                continue
             if not live and not restart and g.reason in ("Spec", "Bounds"):
                 restart = True  # the engine cannot be reached, but the spec wants the change: a restart applies it
         if live:

@@ -55,6 +55,7 @@ def run(
     if not verbose:
         logging.getLogger("kopf.objects").addFilter(_QuietPodEvents())
     logging.getLogger("pie_operator").setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per engine scrape otherwise
     kube = Kube()
     memo = kopf.Memo(kube=kube, reconciler=Reconciler(kube, Observations()),
                      namespaces=None if all_namespaces else list(namespace), resync_seconds=resync_seconds,

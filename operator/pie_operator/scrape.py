@@ -10,8 +10,9 @@ The HTTP contract the operator relies on (engine side: engine/pie_engine/server/
 - ``POST /v1/pie/admin/gpu-memory-budget`` with ``Authorization: Bearer <token>`` (the token the engine read from
   ``--admin-token-file``) and the JSON body ``{"bytes": N}``:
   200 -> applied live; 409 ``{"error": {"message": "...needs a restart..."}}`` -> not possible live (the operator
-  replaces the pod instead); 401/403 (token mismatch) and 404 (an engine without the endpoint) are treated like 409;
-  anything else (timeouts, 5xx, connection errors) is transient and retried on a later pass.
+  replaces the pod instead); 401/403 (token mismatch, admin disabled) and 404 (an engine without the endpoint) are
+  treated like 409; 400 (the engine refuses the value) is recorded as a rejected decision and not forced through a
+  restart; anything else (timeouts, 5xx, connection errors) is transient and retried on a later pass.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class AdminResult:
     applied: bool  # 200: the engine runs with the new budget now
     needs_restart: bool  # 409/401/403/404: not possible live -> replace the pod
     detail: str
+    rejected: bool = False  # 400: the engine refuses this value
 
 
 def set_gpu_budget(ip: str, port: int, token: str, budget_bytes: int, timeout: float = 5.0) -> AdminResult:
@@ -149,4 +151,4 @@ def set_gpu_budget(ip: str, port: int, token: str, budget_bytes: int, timeout: f
         message = resp.text[:200]
     if resp.status_code in (401, 403, 404, 409):
         return AdminResult(False, True, f"{resp.status_code}: {message}")
-    return AdminResult(False, False, f"{resp.status_code}: {message}")
+    return AdminResult(False, False, f"{resp.status_code}: {message}", rejected=resp.status_code == 400)

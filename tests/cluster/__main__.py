@@ -31,9 +31,7 @@ def _status(state: Path) -> int:
         state_word = "running" if alive else "NOT RUNNING"
         print(f"{name:24} pid {pid:<8} {state_word:12} log: {state / 'logs' / (name + '.log')}")
     if ok:
-        cluster = Cluster(state, info["nodes"], detach=True)
-        cluster.env["KUBECONFIG"] = info["kubeconfig"]
-        cluster.env["KUBECACHEDIR"] = str(state / "kube-cache")
+        cluster = Cluster.attach(state)
         r = cluster.kubectl("get", "--raw", "/readyz", check=False, timeout=10)
         ok = r.returncode == 0
         print(f"apiserver {info['api_url']} /readyz: {r.stdout.strip() or r.stderr.strip()}")

@@ -174,6 +174,17 @@ class Cluster:
             raise ClusterError(f"processes survived SIGKILL: {survivors}")
 
     @classmethod
+    def attach(cls, state_dir: Path) -> Cluster:
+        """A handle on a detached cluster that ``start()`` left running in ``state_dir`` (it manages no processes)."""
+        state_dir = Path(state_dir).resolve()
+        info = json.loads((state_dir / "cluster.json").read_text())
+        c = cls(state_dir, info["nodes"], detach=True)
+        c.api_url = info["api_url"]
+        c.env["KUBECONFIG"] = info["kubeconfig"]
+        c.env["KUBECACHEDIR"] = str(state_dir / "kube-cache")
+        return c
+
+    @classmethod
     def down(cls, state_dir: Path) -> None:
         """Stop a (detached) cluster from its pid file and remove its state dir."""
         state_dir = Path(state_dir).resolve()

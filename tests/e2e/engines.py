@@ -151,7 +151,7 @@ class EngineFleet:
 class Load:
     """`streams` concurrent completion requests against one engine, each followed by the next, until stopped."""
 
-    def __init__(self, url: str, model: str, streams: int = 6, prompt_words: int = 60, max_tokens: int = 96) -> None:
+    def __init__(self, url: str, model: str, streams: int = 6, prompt_words: int = 20, max_tokens: int = 64) -> None:
         self.url, self.model, self.streams = url, model, streams
         self.body = {"model": model, "prompt": " ".join(["tell me a long story"] * (prompt_words // 5)),
                      "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}

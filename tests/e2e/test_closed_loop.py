@@ -12,12 +12,14 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from pie_operator.quantity import parse_quantity
 from tests.cluster.cluster import Cluster
 from tests.e2e.engines import EngineFleet, Load
 from tests.e2e.helpers import PYTHONPATH, REPO, Operator, condition, events, get, new_namespace, wait_for
@@ -36,9 +38,13 @@ def deployment(name: str, replicas: int, **spec: Any) -> dict[str, Any]:
         "spec": {
             "replicas": replicas, "model": {"path": "/models/tiny"},
             "engine": {"image": "pie-engine:v1", "port": PORT},
-            # A small device budget so a few concurrent requests make the engine expand into host memory.
-            "memory": {"gpuMemoryBudget": "256Ki", "base": "8Mi", "headroom": "0",
-                       "hostMemory": {"min": "0", "max": "256Mi"},
+            # A small device budget (16 KV blocks per layer) so a few concurrent requests spill KV into host memory
+            # (up to 3 of the 4 layers' KV live on the host: ratio 4, a few MiB of host KV). NOTE: a
+            # fixed ratio, because on a CPU-only machine adaptive expansion rightly backs off (the swap copies compete
+            # with compute for the same cores): what the operator reads -- pie_host_kv_used_bytes following the
+            # load -- is the same.
+            "memory": {"gpuMemoryBudget": "1Mi", "base": "4Mi", "headroom": "0",
+                       "hostMemory": {"min": "0", "max": "256Mi"}, "expansion": {"mode": "static", "ratio": 4.0},
                        "tuning": {"windowSeconds": 8, "minSamples": 3, "cooldownSeconds": 6,
                                   "changeThresholdPercent": 10}},
             "rollout": {"stepTimeoutSeconds": 30},
@@ -58,8 +64,9 @@ def ns(k8s: Cluster) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("model") / "tiny"
-    subprocess.run([sys.executable, "-m", "pie_engine", "make-test-model", "--out", str(out)], check=True, cwd=REPO,
-                   env={"PYTHONPATH": PYTHONPATH, "PATH": "/usr/bin:/bin"}, capture_output=True)
+    # hidden 256: 16 KiB of KV per block and layer, so the host KV the load needs is a few MiB (a clear signal)
+    subprocess.run([sys.executable, "-m", "pie_engine", "make-test-model", "--out", str(out), "--hidden", "256"],
+                   check=True, cwd=REPO, env={"PYTHONPATH": PYTHONPATH, "PATH": "/usr/bin:/bin"}, capture_output=True)
     return out
 
 
@@ -140,12 +147,12 @@ def test_stale_metrics_cause_no_change(k8s: Cluster, ns: str, model: Path, opera
         wait_for(lambda: not pods(k8s, ns, "junk"), "junk's pods to go (they hold both GPUs)", timeout=60)
 
 
-def test_memory_follows_the_load_in_place(k8s: Cluster, ns: str, operator: Operator, fleet: EngineFleet) -> None:
+def test_memory_grows_with_the_load_in_place(k8s: Cluster, ns: str, operator: Operator, fleet: EngineFleet) -> None:
     k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(deployment(LOOP, 1)))
     pied = wait_for(lambda: ready(k8s, ns, LOOP, 1), "loop Ready with a healthy engine", timeout=90, op=operator)
     (pod,) = pods(k8s, ns, LOOP)
     name, initial = pod["metadata"]["name"], request_of(pod)
-    assert initial == "8Mi" and pied["status"]["memory"]["hostMemoryRequest"] == "8Mi"
+    assert initial == "4Mi" and pied["status"]["memory"]["hostMemoryRequest"] == "4Mi"
 
     with Load(f"http://{pod['status']['podIP']}:{PORT}", LOOP) as load:
         def grown() -> dict[str, Any] | None:
@@ -159,19 +166,58 @@ def test_memory_follows_the_load_in_place(k8s: Cluster, ns: str, operator: Opera
     raised = request_of(grew)
     decision = pied["status"]["decisions"][-1]
     assert (decision["pod"], decision["field"], decision["from"], decision["reason"], decision["via"]) == (
-        name, "memory", "8Mi", "Metrics", "InPlace")
+        name, "memory", "4Mi", "Metrics", "InPlace")
     assert pied["status"]["memory"]["hostMemoryRequest"] == decision["to"] == raised
     header, row = k8s.kubectl("get", "-n", ns, "pied", LOOP).stdout.splitlines()
     assert header.split()[:6] == ["NAME", "READY", "EXPANSION", "HOST-MEM", "GPU-BUDGET", "STATUS"]
     cols = row.split()
-    assert (cols[0], cols[3], cols[4]) == (LOOP, raised, "256Ki") and float(cols[2]) >= 1.0
+    assert (cols[0], cols[3], cols[4], cols[2]) == (LOOP, raised, "1Mi", "4.00")  # the measured expansion ratio
     assert any(e["reason"] == "MemoryDecision" and name in e["message"] for e in events(k8s, ns, LOOP))
 
-    # The load is gone: after the window and the cooldown the request comes back to the minimum.
-    back = wait_for(lambda: (p := pods(k8s, ns, LOOP)) and request_of(p[0]) == "8Mi" and p[0],
-                    "the request to come back down after the cooldown", timeout=90, op=operator)
-    assert back["metadata"]["name"] == name
-    assert get(k8s, ns, "pied", LOOP)["status"]["decisions"][-1]["to"] == "8Mi"
+
+def test_memory_comes_back_down_when_the_load_stops(k8s: Cluster, ns: str, operator: Operator,
+                                                    fleet: EngineFleet) -> None:
+    (pod,) = pods(k8s, ns, LOOP)
+    assert request_of(pod) != "4Mi"  # raised by the previous test; the load has stopped since
+    # After the window (8 s) and the cooldown (6 s) the request comes back to the minimum, in place.
+    back = wait_for(lambda: (p := pods(k8s, ns, LOOP)) and request_of(p[0]) == "4Mi" and p[0],
+                    "the request to come back down after the cooldown", timeout=40, op=operator)
+    assert back["metadata"]["name"] == pod["metadata"]["name"]
+    assert get(k8s, ns, "pied", LOOP)["status"]["decisions"][-1]["to"] == "4Mi"
+
+
+def test_gpu_budget_follows_the_engine_live(k8s: Cluster, ns: str, operator: Operator, fleet: EngineFleet) -> None:
+    """GPU tuning: the budget is applied through the engine's admin endpoint, without a restart -- raised to a new
+    minimum (Bounds), then down to the engine's own recommendation (Metrics), then to a plain spec value (Spec)."""
+    (pod,) = pods(k8s, ns, LOOP)
+    name, url = pod["metadata"]["name"], f"http://{pod['status']['podIP']}:{PORT}/v1/pie/expansion"
+
+    def live(reason: str, to: str | None = None) -> Callable[[], dict[str, Any] | None]:
+        def check() -> dict[str, Any] | None:
+            pied = get(k8s, ns, "pied", LOOP)
+            d = (pied["status"].get("decisions") or [{}])[-1]
+            ok = (d.get("field") == "gpuMemoryBudget" and d.get("reason") == reason and to in (None, d.get("to"))
+                  and pied["status"]["pods"][0]["gpuMemoryBudget"] == d.get("to"))
+            return d if ok else None
+        return check
+
+    def engine_budget() -> int:
+        return int(httpx.get(url, trust_env=False).json()["device_kv_budget_bytes"])
+
+    patch(k8s, ns, LOOP, {"memory": {"gpuMemoryBudget": "4Mi", "tuning": {"gpuMemoryBudgetMin": "3Mi"}}})
+    d = wait_for(live("Bounds", "3Mi"), "the budget raised to the new minimum, live", timeout=60, op=operator)
+    assert (d["from"], d["via"], engine_budget()) == ("1Mi", "live (engine admin endpoint)", 3 * Mi)
+
+    patch(k8s, ns, LOOP, {"memory": {"tuning": {"gpuMemoryBudgetMin": "256Ki"}}})
+    d = wait_for(live("Metrics"), "the budget to follow pie_recommended_gpu_memory_bytes", timeout=60, op=operator)
+    recommended = int(httpx.get(url, trust_env=False).json()["recommended_gpu_memory_bytes"])
+    assert d["from"] == "3Mi" and parse_quantity(d["to"]) == max(-(-recommended // Mi) * Mi, 256 * 1024)
+    assert engine_budget() == parse_quantity(d["to"])
+
+    patch(k8s, ns, LOOP, {"memory": {"gpuMemoryBudget": "3Mi", "tuning": {"gpuMemoryBudgetMin": None}}})
+    wait_for(live("Spec", "3Mi"), "the spec's budget, live", timeout=30, op=operator)
+    assert engine_budget() == 3 * Mi and [p["metadata"]["name"] for p in pods(k8s, ns, LOOP)] == [name]
+    assert get(k8s, ns, "pied", LOOP)["status"]["pods"][0]["gpuBudgetLive"] is True
 
 
 def snapshot(k8s: Cluster, ns: str) -> list[tuple[str, str, bool]]:
@@ -180,7 +226,7 @@ def snapshot(k8s: Cluster, ns: str) -> list[tuple[str, str, bool]]:
 
 def test_image_change_rolls_out_one_gated_pod_at_a_time(k8s: Cluster, ns: str, operator: Operator,
                                                         fleet: EngineFleet) -> None:
-    patch(k8s, ns, LOOP, {"replicas": 2})
+    k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(deployment(LOOP, 2)))  # (exists unless run alone)
     wait_for(lambda: ready(k8s, ns, LOOP, 2), "2 healthy engines", timeout=90, op=operator)
     old = {p["metadata"]["name"] for p in pods(k8s, ns, LOOP)}
     patch(k8s, ns, LOOP, {"engine": {"image": "pie-engine:v2", "port": PORT}})

@@ -28,9 +28,11 @@ BODY = {"apiVersion": "pie.io/v1alpha1", "kind": "PieDeployment",
 
 
 def st(ready: tuple[str, str], progressing: tuple[str, str], degraded: tuple[str, str] = ("False", "AsExpected"),
-       **extra: Any) -> dict[str, Any]:
+       stale: tuple[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+    kinds = [("Ready", ready), ("Progressing", progressing), ("Degraded", degraded)]
+    kinds += [("MetricsStale", stale)] if stale else []
     conds = [{"type": t, "status": s, "reason": r, "message": "m", "lastTransitionTime": "2025-01-01T00:00:00Z"}
-             for t, (s, r) in (("Ready", ready), ("Progressing", progressing), ("Degraded", degraded))]
+             for t, (s, r) in kinds]
     return {"phase": "x", "conditions": conds, **extra}
 
 
@@ -51,6 +53,10 @@ READY = st(("True", "AllReplicasReady"), ("False", "RolloutComplete"))
      [("Warning", "ReplicasNotReady"), ("Warning", "ProgressDeadlineExceeded"), ("Warning", "StepTimeout")]),
     ({}, st(("False", "InvalidSpec"), ("False", "InvalidSpec"), ("True", "InvalidSpec")), True,
      [("Warning", "InvalidSpec")]),                                      # one Event per reason
+    (READY, st(("True", "AllReplicasReady"), ("False", "RolloutComplete"), stale=("True", "ScrapeFailed")), True,
+     []),                                                                # stale metrics: Events per pod, not here
+    (READY, st(("True", "AllReplicasReady"), ("False", "RolloutComplete"), ("True", "GateFailed")), True,
+     [("Warning", "GateFailed")]),
 ])
 def test_write_status(previous: dict[str, Any], new: dict[str, Any], written: bool,
                       events: list[tuple[str, str]]) -> None:

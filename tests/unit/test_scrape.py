@@ -175,18 +175,20 @@ def test_targets_forget_pods_that_are_gone() -> None:
     assert store.view(("ns", "x"), 4.0, 60) == {}
 
 
-@pytest.mark.parametrize(("status", "body", "applied", "needs_restart", "detail"), [
-    (200, {"bytes": 123}, True, False, "applied live"),
-    (409, {"error": {"message": "shrinking needs a restart"}}, False, True, "409: shrinking needs a restart"),
-    (401, {"error": {"message": "bad token"}}, False, True, "401: bad token"),
-    (500, {"error": {"message": "boom"}}, False, False, "500: boom"),
+@pytest.mark.parametrize(("status", "body", "applied", "needs_restart", "rejected", "detail"), [
+    (200, {"bytes": 123}, True, False, False, "applied live"),
+    (409, {"error": {"message": "shrinking needs a restart"}}, False, True, False, "409: shrinking needs a restart"),
+    (401, {"error": {"message": "bad token"}}, False, True, False, "401: bad token"),
+    (404, {"error": {"message": "Not Found"}}, False, True, False, "404: Not Found"),  # an engine without it
+    (400, {"error": {"message": "too small"}}, False, False, True, "400: too small"),
+    (500, {"error": {"message": "boom"}}, False, False, False, "500: boom"),
 ])
-def test_admin_gpu_budget(status: int, body: dict[str, Any], applied: bool, needs_restart: bool,
+def test_admin_gpu_budget(status: int, body: dict[str, Any], applied: bool, needs_restart: bool, rejected: bool,
                           detail: str) -> None:
     routes: dict[tuple[str, str], Route] = {("POST", S.ADMIN_PATH): lambda _: (status, json.dumps(body).encode())}
     with Server(routes) as srv:
         res = S.set_gpu_budget("127.0.0.1", srv.port, "s3cret", 123 * 2**20)
-    assert (res.applied, res.needs_restart, res.detail) == (applied, needs_restart, detail)
+    assert (res.applied, res.needs_restart, res.rejected, res.detail) == (applied, needs_restart, rejected, detail)
     (req,) = srv.requests
     assert req["auth"] == "Bearer s3cret" and json.loads(req["body"]) == {"bytes": 123 * 2**20}
 

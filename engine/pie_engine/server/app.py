@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pie_engine.engine import LLMEngine
 from pie_engine.server.async_engine import AsyncEngine
 from pie_engine.server.metrics import ServerMetrics
+from pie_engine.server.pie_routes import add_pie_routes
 from pie_engine.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from pie_engine.server.serving import ApiError
 from pie_engine.server.serving_chat import ChatServing
@@ -120,4 +121,5 @@ def create_app(engine: LLMEngine, *, max_waiting_requests: int | None = None, ad
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    add_pie_routes(app, engine, async_engine, admin_token)  # GET /v1/pie/expansion, the admin budget endpoint
     return app

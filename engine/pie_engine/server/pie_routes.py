@@ -1,0 +1,77 @@
+"""Pie's HTTP routes: the expansion state, and the admin endpoint that changes the device KV budget live.
+
+The admin contract is the operator's (operator/pie_operator/scrape.py, ``set_gpu_budget``):
+``POST /v1/pie/admin/gpu-memory-budget`` with ``Authorization: Bearer <token>`` and ``{"bytes": N}``, where N is
+the device KV budget in bytes (what ``--gpu-memory-budget 8Gi`` means, and what ``pie_recommended_gpu_memory_bytes``
+recommends). Answers: 200 ``{"applied": true, "gpu_memory_budget_bytes": N, ...}`` (applied live, between two
+engine steps); 409 ``{"error": {"message": "... needs a restart ..."}}`` (not possible live: an unfinished request
+needs more KV than the new budget holds, or the device could not allocate it); 400 bad input; 401 missing or wrong
+token; 403 when the engine was started without an admin token (admin disabled). The operator treats 401/403/404
+like 409 (it replaces the pod) and retries anything else later.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from pie_engine.engine import LLMEngine
+from pie_engine.expansion_runtime import BudgetError, NeedsRestartError
+from pie_engine.server.async_engine import AsyncEngine, EngineUnavailableError
+from pie_engine.server.serving import ApiError
+
+ADMIN_PATH = "/v1/pie/admin/gpu-memory-budget"
+
+
+def _authorize(request: Request, token: str | None) -> None:
+    if token is None:
+        raise ApiError(403, "admin endpoints are disabled: start the engine with --admin-token-file (or "
+                            "PIE_ADMIN_TOKEN) to enable them", "permission_error", code="admin_disabled")
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    # NOTE: constant-time comparison, so the token cannot be guessed byte by byte from response times.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise ApiError(401, "missing or wrong admin token (Authorization: Bearer <token>)", "authentication_error",
+                       code="invalid_token")
+
+
+async def _budget_bytes(request: Request) -> int:
+    try:
+        body = json.loads(await request.body())
+    except ValueError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", "invalid_request_error",
+                       code="invalid_json") from None
+    value = body.get("bytes") if isinstance(body, dict) else None
+    # bool is an int in Python; a budget of `true` bytes is a client bug, not 1 byte.
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ApiError(400, f'expected a JSON object {{"bytes": N}} with N a positive integer, got {body!r}'[:300],
+                       "invalid_request_error", param="bytes", code="invalid_value")
+    return value
+
+
+def add_pie_routes(app: FastAPI, engine: LLMEngine, async_engine: AsyncEngine, admin_token: str | None) -> None:
+    """Register GET /v1/pie/expansion and the admin endpoint on ``app``."""
+
+    @app.get("/v1/pie/expansion")
+    async def expansion_state() -> JSONResponse:
+        # Read off the engine thread: every value is a plain number replaced atomically (swap_metrics.py).
+        return JSONResponse(engine.pie.state())
+
+    @app.post(ADMIN_PATH)
+    async def set_gpu_memory_budget(request: Request) -> JSONResponse:
+        _authorize(request, admin_token)
+        budget = await _budget_bytes(request)
+        if not async_engine.accepting:
+            raise ApiError(503, "shutting down", "service_unavailable")
+        try:
+            result = await async_engine.run_in_engine(lambda e: e.pie.set_device_kv_budget(budget))
+        except BudgetError as e:
+            raise ApiError(400, str(e), "invalid_request_error", param="bytes", code="invalid_value") from None
+        except NeedsRestartError as e:
+            raise ApiError(409, str(e), "conflict", code="needs_restart") from None
+        except EngineUnavailableError as e:
+            raise ApiError(503, str(e), "service_unavailable") from None
+        return JSONResponse(result)
