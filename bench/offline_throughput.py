@@ -10,6 +10,7 @@ ratio, and a PNG, under bench/results/.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,8 +67,9 @@ def run(quick: bool = False, repeats: int = 2) -> dict:
     path = bench_model()
     hf = load_hf(path)
     hf_generate_batch(hf, [Request([5, 6, 7], 2)])  # warm-up
+    # The machine is shared: record its load so a reader can tell a quiet run from a disturbed one.
     result: dict = {"model": str(path.name), "torch_threads": torch.get_num_threads(), "repeats": repeats,
-                    "scenarios": {}}
+                    "load_avg_1m_start": round(os.getloadavg()[0], 2), "scenarios": {}}
     for name, (n, inp, outp, hf_batch) in SCENARIOS.items():
         if quick:
             n, outp = n // 4, (max(outp[0] // 4, 1), outp[1] // 4)
@@ -92,6 +94,7 @@ def run(quick: bool = False, repeats: int = 2) -> dict:
             "preemptions": engine.stats().num_preemptions_total,
         }
         print(name, result["scenarios"][name], flush=True)
+    result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     sc = result["scenarios"]
     bar_plot(RESULTS / "offline_throughput.png", "Offline throughput (output tokens/s, CPU)", list(sc),
              {"pie_engine": [v["engine_tok_s"] for v in sc.values()], "HF generate (static)":
@@ -103,10 +106,11 @@ def run(quick: bool = False, repeats: int = 2) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a quarter of the requests and lengths (smoke test)")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best of each counts")
     args = ap.parse_args()
     import json
 
-    print(json.dumps(run(args.quick), indent=2))
+    print(json.dumps(run(args.quick, args.repeats), indent=2))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ scale, change, resize, kill/restart, delete.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,9 @@ from tests.e2e.helpers import REPO, Operator, condition, get, new_namespace, wai
 
 pytestmark = pytest.mark.e2e
 NAME = "tiny"
+# NOTE: every local cluster hands out the same pod IPs (127.0.<node+1>.x): a random engine port keeps this test's
+# "nothing answers on the pod IP" true even while `make demo` (or another test session) serves on 127.0.1.1:8000.
+PORT = random.randint(30000, 39999)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +114,7 @@ def test_apply_minimal_creates_ready_engine_pods(k8s: Cluster, ns: str, operator
     # engines), so the rollout gate is Ready alone here.
     doc = yaml.safe_load((REPO / "examples" / "minimal.yaml").read_text())
     doc["spec"]["rollout"] = {"gate": {"engineHealth": False}}
+    doc["spec"]["engine"]["port"] = PORT
     k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
     pied = wait_for(lambda: converged(k8s, ns, 1), "tiny to be Ready with 1 pod", op=operator)
     uid = pied["metadata"]["uid"]
@@ -121,7 +126,7 @@ def test_apply_minimal_creates_ready_engine_pods(k8s: Cluster, ns: str, operator
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1" and c["resources"]["requests"]["memory"] == "16Gi"
     assert c["command"] == ["pie-engine", "serve"]
     args = c["args"]
-    for flag, value in (("--model", "/models/tiny-llama"), ("--port", "8000"), ("--host", "0.0.0.0"),
+    for flag, value in (("--model", "/models/tiny-llama"), ("--port", str(PORT)), ("--host", "0.0.0.0"),
                         ("--served-model-name", NAME), ("--gpu-memory-budget", "0.9"), ("--expansion", "adaptive")):
         assert args[args.index(flag) + 1] == value
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):

@@ -29,31 +29,6 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(in_dtype)
 
 
-class MergedLinear(nn.Module):
-    """Several projections of one input fused into one matmul (q/k/v, gate/up): one kernel instead of three.
-
-    The checkpoint still stores the parts separately; ``shard(i)`` gives the loader the rows of part ``i``.
-    """
-
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.output_sizes = list(output_sizes)
-        self.weight = nn.Parameter(torch.empty(sum(output_sizes), in_features, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(sum(output_sizes), dtype=dtype)) if bias else None
-
-    def shard(self, param: torch.Tensor, index: int) -> torch.Tensor:
-        """Rows of part ``index`` of ``param`` (this module's weight or bias), as a view to copy into."""
-        start = sum(self.output_sizes[:index])
-        return param.narrow(0, start, self.output_sizes[index])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, in] -> [T, sum(output_sizes)]
-        return F.linear(x, self.weight, self.bias)
-
-
-def linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
-
-
 def activation(name: str) -> Any:
     """HF ``ACT2FN`` names -> functions (only the ones the supported families use)."""
     acts = {

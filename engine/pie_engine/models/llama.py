@@ -12,7 +12,8 @@ from torch import nn
 
 from pie_engine.attention import Attention, AttentionMetadata
 from pie_engine.kv_cache import KVCache
-from pie_engine.models.layers import MergedLinear, RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary, linear
+from pie_engine.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
+from pie_engine.models.linear import MergedLinear, linear
 from pie_engine.models.model_config import ModelConfig
 
 
@@ -114,5 +115,6 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden_size] -> logits [N, vocab_size] in the model dtype."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.model.embed_tokens.weight)

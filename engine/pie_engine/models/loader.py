@@ -10,7 +10,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pie_engine.models import model_class
-from pie_engine.models.layers import MergedLinear
+from pie_engine.models.linear import MergedLinear, prepack_linears
 from pie_engine.models.model_config import ModelConfig
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -130,4 +130,5 @@ def load_model(model_dir: str | Path, model_config: ModelConfig, dtype: torch.dt
         model = cls(model_config, dtype)
     model = model.to_empty(device=device)
     load_weights(model, model_dir)
+    prepack_linears(model)  # CPU float32 only (see linear.py); needs the loaded weights
     return model.eval().requires_grad_(False)

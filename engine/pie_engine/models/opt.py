@@ -12,7 +12,8 @@ from torch import nn
 
 from pie_engine.attention import Attention, AttentionMetadata
 from pie_engine.kv_cache import KVCache
-from pie_engine.models.layers import MergedLinear, activation, linear
+from pie_engine.models.layers import activation
+from pie_engine.models.linear import MergedLinear, linear
 from pie_engine.models.model_config import ModelConfig
 
 # HF's OPTLearnedPositionalEmbedding reserves the first two rows (a fairseq padding convention).
@@ -133,4 +134,6 @@ class OPTForCausalLM(nn.Module):
         dec = self.model.decoder
         if dec.project_out is not None:
             hidden = dec.project_out(hidden)
-        return F.linear(hidden, dec.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return F.linear(hidden, dec.embed_tokens.weight)
