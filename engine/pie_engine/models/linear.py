@@ -69,9 +69,11 @@ def linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype) 
 
 
 def cpu_prepack_supported(weight: torch.Tensor) -> bool:
-    """True where ``prepack_linears`` packs: a float32 CPU weight, a torch built with oneDNN, not disabled."""
+    """True where ``prepack_linears`` packs: a float32 CPU weight, a torch built with oneDNN that has the (internal,
+    torch.compile-facing) packed-linear ops, and ``PIE_CPU_PREPACK`` not "0"."""
     return (os.environ.get("PIE_CPU_PREPACK", "1") != "0" and weight.device.type == "cpu"
-            and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available())
+            and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def prepack_linears(model: nn.Module) -> int:
