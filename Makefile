@@ -31,7 +31,7 @@ k8s: venv
 	$(PY) tests/cluster/build.py
 
 test: venv k8s
-	$(PY) -m ruff check engine operator tests bench
+	$(PY) -m ruff check engine operator tests bench docs
 	$(MAKE) test-unit
 	$(MAKE) test-e2e
 
@@ -42,7 +42,7 @@ test-e2e: venv k8s
 	$(PYTEST) -m e2e -q tests
 
 lint: venv
-	$(PY) -m ruff check engine operator tests bench
+	$(PY) -m ruff check engine operator tests bench docs
 
 demo: venv k8s
 	$(PY) -m tests.cluster.demo up

@@ -10,7 +10,6 @@ sweep's best static m (run swap_sweep.py first; run_all.py does); without it tha
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
@@ -19,8 +18,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, save  # noqa: E402
-from bench.pie_common import PIE_MODEL_KW, best_of, fit_baseline, pie_workload, setup_threads, summary  # noqa: E402
+from bench.common import RESULTS  # noqa: E402
+from bench.pie_common import (  # noqa: E402
+    PIE_MODEL_KW,
+    best_of,
+    cli,  # noqa: E402
+    fit_baseline,
+    pie_workload,
+    setup_threads,
+    summary,
+)
 from bench.pie_common import workload_kv_bytes as kv_bytes  # noqa: E402
 from bench.swap_sweep import QUICK, WORKLOAD, ratio_for  # noqa: E402
 
@@ -129,13 +136,7 @@ def plot(result: dict, runs: dict, best: dict | None, quick: bool) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke-test sizes")
-    args = ap.parse_args()
-    result = run(quick=args.quick)
-    save("adaptive" + ("_quick" if args.quick else ""), result)
-    print(json.dumps(result, indent=2))
-
+    cli("adaptive", __doc__, run)
 
 if __name__ == "__main__":
     main()

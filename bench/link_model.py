@@ -18,19 +18,18 @@ device budget at m = 0, so every m runs the identical schedule and the overhead 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, save  # noqa: E402
+from bench.common import RESULTS  # noqa: E402
 from bench.pie_common import (  # noqa: E402
     PIE_MODEL_KW,
     RunResult,
     best_of,
+    cli,  # noqa: E402
     pie_workload,
     run_offline,
     setup_threads,
@@ -154,13 +153,7 @@ def plot(n: int, overheads: dict[str, list[float]], stalls: dict[str, list[float
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke-test sizes")
-    args = ap.parse_args()
-    result = run(quick=args.quick)
-    save("link_model" + ("_quick" if args.quick else ""), result)
-    print(json.dumps(result, indent=2))
-
+    cli("link_model", __doc__, run)
 
 if __name__ == "__main__":
     main()

@@ -96,10 +96,11 @@ def run(quick: bool = False, repeats: int = 2) -> dict:
         print(name, result["scenarios"][name], flush=True)
     result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     sc = result["scenarios"]
-    bar_plot(RESULTS / "offline_throughput.png", "Offline throughput (output tokens/s, CPU)", list(sc),
+    out_name = "offline_throughput" + ("_quick" if quick else "")  # a smoke run never overwrites real results
+    bar_plot(RESULTS / f"{out_name}.png", "Offline throughput (output tokens/s, CPU)", list(sc),
              {"pie_engine": [v["engine_tok_s"] for v in sc.values()], "HF generate (static)":
               [v["hf_tok_s"] for v in sc.values()]}, "tokens/s")
-    save("offline_throughput", result)
+    save(out_name, result)
     return result
 
 

@@ -147,9 +147,10 @@ def run(n: int = 48, rate: float = 4.0, quick: bool = False, hf_batch: int = 8) 
     groups = ["TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p50", "ITL p99"]
     vals = lambda s: [s["ttft_s"]["p50"], s["ttft_s"]["p99"], s["tpot_s"]["p50"], s["tpot_s"]["p99"],
                       s["itl_s"]["p50"], s["itl_s"]["p99"]]
-    bar_plot(RESULTS / "online_serving.png", f"Online serving latency, {n} requests at {rate} req/s (CPU)", groups,
+    out_name = "online_serving" + ("_quick" if quick else "")  # a smoke run never overwrites real results
+    bar_plot(RESULTS / f"{out_name}.png", f"Online serving latency, {n} requests at {rate} req/s (CPU)", groups,
              {"pie_engine": vals(e), "HF generate (static)": vals(h)}, "seconds (log scale)", log=True)
-    save("online_serving", result)
+    save(out_name, result)
     return result
 
 

@@ -17,16 +17,19 @@ Conventions (docs/pie.md, "Benchmarks"):
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from bench.common import Request, workload
+from bench.common import Request, save, workload
 
 # 8 layers so m = 0..7 is a meaningful sweep; KV heads 2 x head_dim 64 (1 KiB of fp32 KV per token and layer).
 PIE_MODEL_KW = {"layers": 8, "hidden": 256, "heads": 4, "kv_heads": 2, "intermediate": 768, "vocab": 2048,
@@ -256,3 +259,13 @@ def line_plot(path: Path, title: str, xs: list, series: dict[str, list], xlabel:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def cli(name: str, doc: str | None, run: Callable[..., dict]) -> None:
+    """The command line of a Pie benchmark: ``[--quick]``, run, save bench/results/<name>[_quick].json, print it."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke-test sizes")
+    quick = ap.parse_args().quick
+    result = run(quick=quick)
+    save(name + ("_quick" if quick else ""), result)
+    print(json.dumps(result, indent=2))

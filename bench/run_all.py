@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import adaptive, link_model, offline_throughput, online_serving, swap_sweep  # noqa: E402
-from bench.common import save  # noqa: E402
+from bench.common import RESULTS, save  # noqa: E402
 
 
 def render_markdown(summary: dict[str, object]) -> str:
@@ -38,19 +38,14 @@ def render_markdown(summary: dict[str, object]) -> str:
     return "\n".join(head + lines(summary)) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke-test sizes")
-    args = ap.parse_args()
-    offline = offline_throughput.run(quick=args.quick)
-    online = online_serving.run(quick=args.quick)
-    suffix = "_quick" if args.quick else ""
-    sweep = swap_sweep.run(quick=args.quick)
-    save("swap_sweep" + suffix, sweep)
-    ad = adaptive.run(quick=args.quick)  # reads the sweep just saved
-    save("adaptive" + suffix, ad)
-    links = link_model.run(quick=args.quick)
-    save("link_model" + suffix, links)
+def summarize(results: Path, suffix: str = "") -> dict[str, object]:
+    """summary.json + summary.md from the per-benchmark JSON files (so a summary never mixes in typed numbers)."""
+
+    def load(name: str) -> dict:
+        return json.loads((results / f"{name}{suffix}.json").read_text())
+
+    offline, online, sweep, ad, links = (load(n) for n in ("offline_throughput", "online_serving", "swap_sweep",
+                                                           "adaptive", "link_model"))
     summary = {
         "offline_speedup_vs_hf": {k: v["speedup_vs_hf"] for k, v in offline["scenarios"].items()},
         "online_throughput_ratio_vs_hf": online["throughput_ratio"],
@@ -61,11 +56,25 @@ def main() -> None:
                                                    "latency_overhead")} for k in ("adaptive", "adaptive_relaxed")},
         "pie_link_max_m_stall_below_5pct": {k: v["max_m_stall_below_5pct"] for k, v in links["systems"].items()},
     }
-    path = save("summary", summary)
-    (path.parent / "summary.md").write_text(render_markdown(summary))
-    print(json.dumps(summary, indent=2))
-    print(f"results in {path.parent}")
+    path = save("summary" + suffix, summary)
+    (path.parent / f"summary{suffix}.md").write_text(render_markdown(summary))
+    return summary
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke-test sizes")
+    ap.add_argument("--summarize-only", action="store_true", help="rebuild the summary from existing results")
+    args = ap.parse_args()
+    suffix = "_quick" if args.quick else ""
+    if not args.summarize_only:
+        offline_throughput.run(quick=args.quick)  # each saves its own JSON + PNG
+        online_serving.run(quick=args.quick)
+        save("swap_sweep" + suffix, swap_sweep.run(quick=args.quick))
+        save("adaptive" + suffix, adaptive.run(quick=args.quick))  # reads the sweep just saved
+        save("link_model" + suffix, link_model.run(quick=args.quick))
+    print(json.dumps(summarize(RESULTS, suffix), indent=2))
+    print(f"results in {RESULTS}")
 
 if __name__ == "__main__":
     main()

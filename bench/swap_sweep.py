@@ -10,18 +10,17 @@ against the no-swap latency model fitted on the ideal run (pie_common.py). Outpu
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, save  # noqa: E402
+from bench.common import RESULTS  # noqa: E402
 from bench.pie_common import (  # noqa: E402
     PIE_MODEL_KW,
     best_of,
+    cli,  # noqa: E402
     fit_baseline,
     line_plot,
     pie_workload,
@@ -79,13 +78,7 @@ def run(quick: bool = False, repeats: int = 2) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke-test sizes")
-    args = ap.parse_args()
-    result = run(quick=args.quick)
-    save("swap_sweep" + ("_quick" if args.quick else ""), result)
-    print(json.dumps(result, indent=2))
-
+    cli("swap_sweep", __doc__, run)
 
 if __name__ == "__main__":
     main()

@@ -57,9 +57,11 @@ def render() -> str:
         lines += [f"## {section}", "", " ".join(str(node.get("description", "")).split()), "",
                   "| field | type | required | default | description |", "|---|---|---|---|---|",
                   *_rows(node, section), ""]
-    rules = [r for r in _walk_rules(schema)]
-    lines += ["## Validation rules (CEL, enforced by the API server)", "", "| where | rule | message |", "|---|---|---|"]
-    lines += [f"| `{w}` | `{r['rule']}` | {r.get('message', '')} |".replace("||", "\\|\\|") for w, r in rules]
+    lines += ["## Validation rules (CEL, enforced by the API server)", "",
+              "| where | rule | message |", "|---|---|---|"]
+    # A literal | would end the table cell, CEL's || included.
+    lines += [f"| `{w}` | `{r['rule']}` | {r.get('message', '')} |".replace("||", "\\|\\|")
+              for w, r in _walk_rules(schema)]
     return "\n".join(lines) + "\n"
 
 
