@@ -21,7 +21,9 @@ help:
 	@echo "make bench      benchmarks (JSON + PNG under bench/results)"
 
 venv: $(DEPS_STAMP)
-$(DEPS_STAMP): pyproject.toml
+# NOTE: the stamp's name carries the hash of pyproject.toml, so no mtime prerequisite: a fresh clone (new mtimes)
+# reuses the cached venv, and any change to pyproject.toml makes a new stamp name and reinstalls.
+$(DEPS_STAMP):
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) .ci/install-deps.py engine operator dev
