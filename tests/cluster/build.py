@@ -79,10 +79,14 @@ def build(only: list[str] | None = None) -> Path:
     missing = [b for b in wanted if not (out / b).exists()]
     if not missing:
         return out
-    if shutil.which("go") is None:
+    # Go's default install location is not on every non-login PATH (CI runs with a trimmed environment).
+    go_dir = next((str(Path(g).parent) for g in (shutil.which("go"), "/usr/local/go/bin/go") if g and Path(g).exists()),
+                  None)
+    if go_dir is None:
         raise SystemExit("`go` is not on PATH: it is needed once to build the control plane into " + str(out))
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-trimpath", "GOTOOLCHAIN": "local"}
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-trimpath", "GOTOOLCHAIN": "local",
+           "PATH": go_dir + os.pathsep + os.environ.get("PATH", "")}
     t0 = time.time()
     tool_src = out.parent / "src"
     if any(b in missing for b in ["etcd", *K8S_COMMANDS]):
