@@ -282,3 +282,25 @@ def test_thread_engine_honours_host_ready_and_surfaces_errors() -> None:
         assert engine.end_step().swap_out_bytes > 0
     finally:
         engine.close()
+
+
+def test_thread_engine_runs_small_write_backs_inline() -> None:
+    """Without a link model a small write-back runs on the calling thread (done on return); a bigger one, or any
+    one on a modeled link, goes to the worker. Both copy the same rows, and a failure still surfaces at the waiter."""
+    dev = torch.randn(2, 3, BS, HEADS, DIM)
+    slots = torch.tensor([0, 7, 11])
+    for inline_bytes, link in ((1 << 20, None), (0, None), (1 << 20, LinkModel(latency_s=0.01))):
+        engine = ThreadCopyEngine(link_out=link, inline_bytes=inline_bytes)
+        try:
+            host = torch.zeros_like(dev)
+            wb = engine.write_back(dev, host, slots, slots, layer=0, slot=0)
+            if link is not None or inline_bytes > 0:  # (a worker may finish a tiny copy before this line)
+                assert wb.done.is_set() == (link is None)  # the modeled link holds the worker for 10 ms
+            engine.synchronize()
+            assert torch.equal(kv_flat(host)[:, slots], kv_flat(dev)[:, slots])
+            assert kv_flat(host)[:, 1].abs().sum() == 0
+            bad = engine.write_back(dev, host, torch.tensor([99]), torch.tensor([99]), layer=1, slot=0)
+            with pytest.raises(RuntimeError, match="layer 1 failed"):
+                engine.wait(bad)
+        finally:
+            engine.close()
