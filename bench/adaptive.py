@@ -22,9 +22,10 @@ from bench.common import RESULTS  # noqa: E402
 from bench.pie_common import (  # noqa: E402
     PIE_MODEL_KW,
     best_of,
-    cli,  # noqa: E402
+    cli,
     fit_baseline,
     pie_workload,
+    save_figure,
     setup_threads,
     summary,
 )
@@ -129,14 +130,12 @@ def plot(result: dict, runs: dict, best: dict | None, quick: bool) -> None:
     b.bar_label(bars, fmt="%.0f", fontsize=8)
     b.set_ylabel("output tokens / s")
     b.set_title("critical-path throughput, same budget (ideal: unlimited)", fontsize=9)
-    fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / f"adaptive{'_quick' if quick else ''}.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "adaptive", quick)
 
 
 def main() -> None:
     cli("adaptive", __doc__, run)
+
 
 if __name__ == "__main__":
     main()

@@ -24,14 +24,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS  # noqa: E402
 from bench.pie_common import (  # noqa: E402
     PIE_MODEL_KW,
     RunResult,
     best_of,
-    cli,  # noqa: E402
+    cli,
     pie_workload,
     run_offline,
+    save_figure,
     setup_threads,
     workload_kv_bytes,
 )
@@ -146,14 +146,12 @@ def plot(n: int, overheads: dict[str, list[float]], stalls: dict[str, list[float
     for ax in (a, b):
         ax.set_xlabel(f"layers on host (m), n = {n}, k = {NUM_STAGING}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / f"link_model{'_quick' if quick else ''}.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "link_model", quick)
 
 
 def main() -> None:
     cli("link_model", __doc__, run)
+
 
 if __name__ == "__main__":
     main()

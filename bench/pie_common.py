@@ -26,10 +26,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from bench.common import Request, save, workload
+from bench.common import RESULTS, Request, save, workload
 
 # 8 layers so m = 0..7 is a meaningful sweep; KV heads 2 x head_dim 64 (1 KiB of fp32 KV per token and layer).
 PIE_MODEL_KW = {"layers": 8, "hidden": 256, "heads": 4, "kv_heads": 2, "intermediate": 768, "vocab": 2048,
@@ -269,3 +270,15 @@ def cli(name: str, doc: str | None, run: Callable[..., dict]) -> None:
     result = run(quick=quick)
     save(name + ("_quick" if quick else ""), result)
     print(json.dumps(result, indent=2))
+
+
+def save_figure(fig: Any, name: str, quick: bool) -> Path:
+    """Write bench/results/<name>[_quick].png (a smoke run never overwrites real results) and close the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}{'_quick' if quick else ''}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -20,7 +20,7 @@ from bench.common import RESULTS  # noqa: E402
 from bench.pie_common import (  # noqa: E402
     PIE_MODEL_KW,
     best_of,
-    cli,  # noqa: E402
+    cli,
     fit_baseline,
     line_plot,
     pie_workload,
@@ -79,6 +79,7 @@ def run(quick: bool = False, repeats: int = 2) -> dict:
 
 def main() -> None:
     cli("swap_sweep", __doc__, run)
+
 
 if __name__ == "__main__":
     main()
