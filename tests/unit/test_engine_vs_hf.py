@@ -3,16 +3,15 @@ also when KV blocks run out (preemption by recompute) and with chunked prefill."
 
 from __future__ import annotations
 
-import copy
 import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from pie_engine.config import EngineConfig
 from pie_engine.engine import LLMEngine
 from pie_engine.sampling_params import SamplingParams
+from tests import hf_reference
 
 NEW_TOKENS = 64
 PROMPT_LENS = [3, 17, 40, 9, 28]
@@ -23,31 +22,8 @@ def prompts(vocab: int = 512) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in PROMPT_LENS]
 
 
-_hf_cache: dict[str, list[list[int]]] = {}
-
-
 def hf_greedy(path: Path) -> list[list[int]]:
-    """HF generate(do_sample=False), one prompt at a time (no padding), EOS disabled like ignore_eos."""
-    key = str(path)
-    if key not in _hf_cache:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        cfg = copy.deepcopy(model.generation_config)
-        # An EOS id outside the vocab never matches: HF then runs the full length like ignore_eos does (None would
-        # be replaced by the model's default, and min_new_tokens would mask EOS logits, changing the argmax).
-        cfg.eos_token_id = 10**6
-        cfg.pad_token_id = 0
-        outs = []
-        with torch.no_grad():
-            for p in prompts():
-                ids = torch.tensor([p])
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
-                                     do_sample=False, max_new_tokens=NEW_TOKENS)
-                assert out.shape[1] == len(p) + NEW_TOKENS
-                outs.append(out[0, len(p):].tolist())
-        _hf_cache[key] = outs
-    return _hf_cache[key]
+    return hf_reference.hf_greedy(path, prompts(), NEW_TOKENS)
 
 
 def engine_greedy(path: Path, **cfg) -> tuple[list[list[int]], LLMEngine]:

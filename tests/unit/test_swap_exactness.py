@@ -10,18 +10,17 @@ run with the default k = 2 (one resident layer) and with k = S = 3 (the paper's 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from pie_engine.config import EngineConfig
 from pie_engine.engine import LLMEngine
 from pie_engine.kv_swap import LayerSwapKVCache
 from pie_engine.sampling_params import SamplingParams
+from tests import hf_reference
 
 LAYERS, C0, BS, NEW_TOKENS = 6, 30, 4, 64
 PROMPT_LENS = [3, 17, 40, 9, 28]
@@ -40,26 +39,8 @@ def prompts() -> list[list[int]]:
     return [[rng.randrange(3, 512) for _ in range(n)] for n in PROMPT_LENS]
 
 
-_refs: dict[str, list[list[int]]] = {}
-
-
 def hf_greedy(path: Path) -> list[list[int]]:
-    """HF generate(do_sample=False), one prompt at a time, EOS never matching (like ignore_eos)."""
-    if str(path) not in _refs:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        cfg = copy.deepcopy(model.generation_config)
-        cfg.eos_token_id, cfg.pad_token_id = 10**6, 0
-        outs = []
-        with torch.no_grad():
-            for p in prompts():
-                ids = torch.tensor([p])
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
-                                     do_sample=False, max_new_tokens=NEW_TOKENS)
-                outs.append(out[0, len(p):].tolist())
-        _refs[str(path)] = outs
-    return _refs[str(path)]
+    return hf_reference.hf_greedy(path, prompts(), NEW_TOKENS)
 
 
 def make_engine(path: Path, **cfg) -> LLMEngine:
