@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from bench.common import RESULTS, Request, save, workload
+from bench.pie_replay import ForwardRecorder, replay_overhead
+from bench.pie_replay import replay as pie_replay
 
 # 8 layers so m = 0..7 is a meaningful sweep; KV heads 2 x head_dim 64 (1 KiB of fp32 KV per token and layer).
 PIE_MODEL_KW = {"layers": 8, "hidden": 256, "heads": 4, "kv_heads": 2, "intermediate": 768, "vocab": 2048,
@@ -79,6 +81,9 @@ class Iteration:
     context_tokens: int
     layers_on_host: int
     stall_seconds: float
+    excess_seconds: float | None = None  # the engine's in-step estimate of swapping's cost (kv_swap.py)
+    forward_cost: float | None = None  # critical-path seconds of the forward pass (pie_replay.py)
+    replay_cost: float | None = None  # ... of the same forward pass replayed without swapping
 
     @property
     def cost(self) -> float:
@@ -129,8 +134,9 @@ class RunResult:
 
 
 def run_offline(label: str, reqs: list[Request], budget_bytes: int | None, expansion: str = "off",
-                **cfg) -> RunResult:
-    """Serve ``reqs`` (all arriving at once) to completion on a fresh engine; greedy, EOS ignored."""
+                replay: bool = True, **cfg) -> RunResult:
+    """Serve ``reqs`` (all arriving at once) to completion on a fresh engine; greedy, EOS ignored. ``replay``:
+    afterwards re-run every forward pass without swapping (pie_replay.py) to measure the latency overhead."""
     from pie_engine.config import EngineConfig
     from pie_engine.engine import LLMEngine
     from pie_engine.sampling_params import SamplingParams
@@ -150,7 +156,8 @@ def run_offline(label: str, reqs: list[Request], budget_bytes: int | None, expan
     def observe(plan, seconds: float) -> None:
         now = time.thread_time()
         records.append(Iteration(seconds, now - last_cpu[0], plan.num_batched_tokens, engine.pie.context_tokens(plan),
-                                 getattr(kv, "layers_on_host", 0), getattr(kv, "last_step_stall_seconds", 0.0)))
+                                 getattr(kv, "layers_on_host", 0), getattr(kv, "last_step_stall_seconds", 0.0),
+                                 getattr(kv, "last_step_excess_seconds", None)))
         last_cpu[0] = now
 
     engine.pie.observers.append(observe)
@@ -160,7 +167,13 @@ def run_offline(label: str, reqs: list[Request], budget_bytes: int | None, expan
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     # The controller sees what the benchmark reports: the critical path, not wall time disturbed by other jobs.
-    engine.pie.clock = lambda: time.thread_time() + getattr(kv, "swap_stall_seconds_total", 0.0)
+    copies = getattr(kv, "engine", None)  # the swapping cache's copy engine: its stall total grows live
+
+    def critical_path() -> float:
+        return time.thread_time() + (copies.stall_seconds_total if copies is not None else 0.0)
+
+    engine.pie.set_clock(critical_path)
+    recorder = ForwardRecorder(engine.runner, critical_path)
     before = engine.pie.state()
     params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
     preempt0 = engine.scheduler.num_preemptions_total
@@ -171,6 +184,11 @@ def run_offline(label: str, reqs: list[Request], budget_bytes: int | None, expan
     after = engine.pie.state()
     log.removeHandler(handler)
     engine.pie.close()
+    if len(recorder.steps) != len(records):
+        raise RuntimeError(f"{len(recorder.steps)} forward passes for {len(records)} iterations")
+    replayed = pie_replay(config, recorder.steps) if replay else [None] * len(records)
+    for it, step, again in zip(records, recorder.steps, replayed, strict=True):
+        it.forward_cost, it.replay_cost = step.cost, again
     return RunResult(label, elapsed, cpu, sum(len(o.token_ids) for o in outs),
                      engine.scheduler.num_preemptions_total - preempt0, [o.token_ids for o in outs], records,
                      after["swap_in_bytes_total"] - before["swap_in_bytes_total"],
@@ -210,7 +228,24 @@ def fit_baseline(ideal: RunResult):
     return base
 
 
-def overhead(run: RunResult, base) -> float | None:
+def overhead(run: RunResult) -> float | None:
+    """Iteration-latency overhead against the same forward passes replayed without swapping (pie_replay.py)."""
+    its = run.iterations
+    if not its or any(i.replay_cost is None for i in its):
+        return None
+    return replay_overhead([i.cost for i in its], [i.forward_cost for i in its], [i.replay_cost for i in its])
+
+
+def engine_estimate(run: RunResult) -> float | None:
+    """What the engine's own in-step measurement said: sum(excess) / sum(iteration - excess) over the iterations
+    that have one (m > 0 with resident layers)."""
+    pairs = [(i.cost, i.excess_seconds) for i in run.iterations if i.excess_seconds is not None]
+    if not pairs:
+        return None
+    return sum(e for _, e in pairs) / sum(c - e for c, e in pairs)
+
+
+def model_overhead(run: RunResult, base) -> float | None:
     """sum(iteration) / sum(no-swap prediction) - 1 over the iterations the model can predict."""
     pairs = [(i.cost, p) for i in run.iterations if (p := base.predict(i.tokens, i.context_tokens)) is not None]
     if len(pairs) < len(run.iterations) // 2:
@@ -227,9 +262,11 @@ def summary(run: RunResult, base=None) -> dict:
            "swap_out_mb": round(run.swap_out_bytes / 2**20, 1),
            "layers_on_host_final": run.state.get("layers_on_host", 0),
            "blocks_per_layer": run.state.get("num_device_blocks")}
+    rnd = lambda v: None if v is None else round(v, 4)  # noqa: E731
+    out["latency_overhead"] = rnd(overhead(run))
+    out["engine_excess_estimate"] = rnd(engine_estimate(run))
     if base is not None:
-        ov = overhead(run, base)
-        out["latency_overhead"] = None if ov is None else round(ov, 4)
+        out["latency_overhead_vs_model"] = rnd(model_overhead(run, base))
     return out
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -78,6 +78,7 @@ class StepCopyStats:
     copy_seconds: float = 0.0  # summed durations of copies resolved this step (both directions)
     swap_in_bytes: int = 0
     swap_out_bytes: int = 0
+    periods: list[float] = field(default_factory=list)  # seconds between consecutive ``mark()``s of the step
 
 
 def kv_flat(kv: torch.Tensor) -> torch.Tensor:
@@ -125,6 +126,13 @@ class CopyEngine(ABC):
         """Make the compute that follows wait for swap-in ``handle``; accounts the stall."""
 
     @abstractmethod
+    def mark(self) -> None:
+        """A boundary on the compute timeline (called by the cache at step start, after begin_step, at each
+        layer's begin_layer and at step end). ``end_step`` returns the intervals between consecutive marks, stalls
+        included, as ``StepCopyStats.periods``: comparing host-backed layers' periods with resident ones' measures
+        what swapping costs at exactly this step's load (kv_swap.py)."""
+
+    @abstractmethod
     def end_step(self) -> StepCopyStats:
         """Close the step's accounting (copies still in flight are accounted in a later step)."""
 
@@ -162,6 +170,11 @@ class ThreadCopyEngine(CopyEngine):
                                                                     "out": queue.SimpleQueue()}
         self._outstanding: list[CopyHandle] = []
         self._unaccounted: list[CopyHandle] = []
+        # The timeline clock for ``mark``: wall time; a benchmark may substitute the critical path (CPU time of the
+        # compute thread plus ``stall_seconds_total``, which grows live inside ``wait``).
+        self.clock: Callable[[], float] = time.perf_counter
+        self.stall_seconds_total = 0.0
+        self._marks: list[float] = []
         self._threads = [threading.Thread(target=self._worker, args=(d,), name=f"pie-kv-{d}", daemon=True)
                          for d in self._queues]
         for t in self._threads:
@@ -235,9 +248,14 @@ class ThreadCopyEngine(CopyEngine):
         if not handle.done.is_set():
             t0 = time.perf_counter()
             handle.done.wait()
-            self._stats.stall_seconds += time.perf_counter() - t0
+            stall = time.perf_counter() - t0
+            self._stats.stall_seconds += stall
+            self.stall_seconds_total += stall
         handle.wait_host()
         self._unaccounted.append(handle)  # swap-ins are accounted in the step that consumed them
+
+    def mark(self) -> None:
+        self._marks.append(self.clock())
 
     def end_step(self) -> StepCopyStats:
         rest = []
@@ -247,6 +265,8 @@ class ThreadCopyEngine(CopyEngine):
             elif not h.done.is_set():
                 rest.append(h)
         self._unaccounted = rest
+        marks, self._marks = self._marks, []
+        self._stats.periods = [b - a for a, b in zip(marks, marks[1:], strict=False)]
         return self._take_stats()
 
     def synchronize(self) -> None:

@@ -39,6 +39,7 @@ class CudaCopyEngine(CopyEngine):
         self._spin = {"in": torch.cuda.Stream(device), "out": torch.cuda.Stream(device)}
         self._cycles_per_s: float | None = None
         self._stall_records: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._marks: list[torch.cuda.Event] = []  # timing events on the compute stream (``mark``)
         self._unaccounted: list[CopyHandle] = []
         self._write_backs: list[CopyHandle] = []
         self.issue_wait_seconds_total = 0.0  # host time spent waiting for a host copy to become current
@@ -148,9 +149,16 @@ class CudaCopyEngine(CopyEngine):
         self._stall_records.append((reach, handle.end_ev))
         self._unaccounted.append(handle)
 
+    def mark(self) -> None:
+        ev = _timing_event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self._marks.append(ev)
+
     def end_step(self) -> StepCopyStats:
         # NOTE: the runner copies the logits to the host right after, so this sync costs no GPU time.
         torch.cuda.current_stream(self.device).synchronize()
+        marks, self._marks = self._marks, []
+        self._stats.periods = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:], strict=False)]
         for reach, end in self._stall_records:
             self._stats.stall_seconds += max(0.0, reach.elapsed_time(end)) / 1e3
         self._stall_records = []

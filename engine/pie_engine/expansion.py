@@ -1,13 +1,17 @@
 """Adaptive expansion: how many layers' KV to keep on host (m), decided between iterations (pure, no torch).
 
 Grow m by one while swapping stays hidden and there is demand for more KV; shrink when the latency overhead of
-swapping exceeds epsilon. Overhead over a window of iterations is
-    max( sum(stall) / sum(iteration - stall),  sum(iteration) / sum(no-swap prediction) - 1 )
-where the prediction comes from a LatencyBaseline fitted while m = 0 (latency_baseline.py). The first term is
-exact wherever stalls are measured; the second also catches overhead that is not a stall, e.g. on the CPU where
-the copy threads compete with compute for cores. Hysteresis: grow only below ``grow_overhead`` (< epsilon), a full
-window of evidence per decision, a cooldown after every change, and an m that caused overhead stays forbidden for
-``ceiling_ttl`` iterations, so the controller settles instead of oscillating. docs/pie.md has the details.
+swapping exceeds epsilon. Overhead over a window of iterations is the largest of three measurements:
+- stalls: ``sum(stall) / sum(iteration - stall)``, exact wherever stalls are measured;
+- in-step excess: ``sum(excess) / sum(iteration - excess)``, where each iteration's excess is what its host-backed
+  layers took beyond its resident layers (SwapSchedule.excess_seconds): stalls plus copy issue and write-back work
+  on the compute timeline, against a no-swap reference at exactly the same load;
+- baseline: ``sum(iteration) / sum(no-swap prediction) - 1``, the prediction from a LatencyBaseline fitted while
+  m = 0 (latency_baseline.py), used only near the loads it was fitted on. It catches a slowdown of all layers alike
+  (copy threads competing with compute for cores or memory bandwidth), which the in-step comparison cannot see.
+Hysteresis: grow only below ``grow_overhead`` (< epsilon), a full window of evidence per decision, a cooldown after
+every change, and an m that caused overhead stays forbidden for ``ceiling_ttl`` iterations, so the controller
+settles instead of oscillating. docs/pie.md has the details.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class IterationSample:
     num_preempted: int = 0  # preemptions this step
     blocks_in_use: int = 0  # per layer: max used block id + 1 (in use or prefix-cached)
     blocks_wanted: int | None = None  # blocks_in_use plus what the waiting queue needs; None: blocks_in_use
+    excess_seconds: float | None = None  # swapping's cost measured inside the step (kv_swap.py); None: unknown
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,9 @@ class ControllerConfig:
     idle_window: int = 64
     baseline_decay: float = 0.99
     baseline_min_samples: int = 8
-    baseline_extrapolation: float = 4.0  # trust the baseline up to this factor beyond the loads it saw at m = 0
+    # Trust the baseline up to this factor beyond the loads it saw at m = 0. Iteration cost is not linear in the
+    # context far out (caches), and a 5% epsilon needs a reference better than 5%: the in-step excess covers the rest.
+    baseline_extrapolation: float = 1.25
     peak_window: int = 2048  # iterations over which the peak KV demand is taken (recommendations)
     headroom: float = 1.1  # multiplier on the recommendations
 
@@ -106,6 +113,7 @@ class ExpansionController:
         self._ceiling: tuple[int, int] | None = None  # (forbidden m and above, until iteration)
         self.transparent_limit: int | None = None  # highest m known transparent below an overhead-causing one
         self.overhead = self.stall_fraction = 0.0
+        self.overheads: dict[str, float | None] = {"stall": 0.0, "excess": None, "baseline": None}
         self.num_grows = self.num_shrinks = 0
         self.last_decision = "start"
         self.m = self._target_static() if mode == "static" else 0
@@ -183,13 +191,18 @@ class ExpansionController:
         self.stall_fraction = stall / it if it > 0 else 0.0
         if self.m == 0:
             self.overhead = 0.0  # nothing is swapped
+            self.overheads = {"stall": 0.0, "excess": None, "baseline": None}
             return
-        stall_overhead = stall / max(it - stall, 1e-12)
+        half = (len(self._window) + 1) // 2  # a term counts only with evidence from at least half the window
+        excess = [(s.iteration_seconds, s.excess_seconds) for s, _, _ in self._window if s.excess_seconds is not None]
         predicted = [(s.iteration_seconds, p) for s, p, _ in self._window if p is not None]
-        vs_baseline = 0.0
-        if 2 * len(predicted) >= len(self._window):
-            vs_baseline = sum(i for i, _ in predicted) / sum(p for _, p in predicted) - 1.0
-        self.overhead = max(stall_overhead, vs_baseline)
+        self.overheads = {
+            "stall": stall / max(it - stall, 1e-12),
+            "excess": sum(e for _, e in excess) / max(sum(i - e for i, e in excess), 1e-12)
+            if len(excess) >= half else None,
+            "baseline": sum(i for i, _ in predicted) / sum(p for _, p in predicted) - 1.0
+            if len(predicted) >= half else None}
+        self.overhead = max(v for v in self.overheads.values() if v is not None)
 
     def _change(self, m: int, reason: str) -> int:
         if m > self.m:
@@ -257,7 +270,7 @@ class ExpansionController:
             "mode": self.mode, "ratio": self.ratio, "layers_on_host": self.m, "num_layers": g.num_layers,
             "max_layers_on_host": self.max_layers_on_host, "expansion_ratio": g.expansion_ratio(self.m),
             "blocks_per_layer": g.capacity_blocks(self.m), "overhead": self.overhead,
-            "stall_fraction": self.stall_fraction, "epsilon": cfg.epsilon, "grow_overhead": cfg.grow_overhead,
+            "stall_fraction": self.stall_fraction, "overheads": dict(self.overheads), "epsilon": cfg.epsilon, "grow_overhead": cfg.grow_overhead,
             "last_decision": self.last_decision, "ceiling": None if self._ceiling is None else self._ceiling[0],
             "transparent_limit": self.transparent_limit, "num_grows": self.num_grows,
             "num_shrinks": self.num_shrinks, "baseline_samples": self.baseline.num_samples,

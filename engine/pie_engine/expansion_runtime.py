@@ -86,9 +86,16 @@ class ExpansionRuntime:
                                    blocks_in_use=lambda: self.block_manager.num_used_blocks)
         # Called with (plan, iteration_seconds) after every step, before the controller decides (benchmarks).
         self.observers: list[Callable[[StepPlan, float], None]] = []
-        # What LLMEngine.step times iterations with. Wall time; a benchmark on a machine shared with other jobs may
-        # substitute the engine thread's CPU time plus swap stalls (bench/pie_common.py).
+        # What LLMEngine.step times iterations with (set it with ``set_clock``).
         self.clock: Callable[[], float] = time.perf_counter
+
+    def set_clock(self, clock: Callable[[], float]) -> None:
+        """Time iterations, and the swapping cache's per-layer periods on the CPU, with ``clock`` instead of wall
+        time: a benchmark on a machine shared with other jobs uses the engine thread's CPU time plus swap stalls
+        (bench/pie_common.py), so the controller sees what the benchmark reports."""
+        self.clock = clock
+        if self.swap is not None and hasattr(self.swap.engine, "clock"):
+            self.swap.engine.clock = clock
 
     @property
     def collectors(self) -> list:
@@ -132,7 +139,8 @@ class ExpansionRuntime:
             num_tokens=plan.num_batched_tokens,
             context_tokens=self.context_tokens(plan),
             num_waiting=sched.num_waiting, num_preempted=len(plan.preempted),
-            blocks_in_use=bm.max_used_block_id + 1, blocks_wanted=bm.max_used_block_id + 1 + waiting_blocks)
+            blocks_in_use=bm.max_used_block_id + 1, blocks_wanted=bm.max_used_block_id + 1 + waiting_blocks,
+            excess_seconds=self.swap.last_step_excess_seconds)
         m = self.controller.update(sample)
         return self.apply(m) if m != self.swap.layers_on_host else []
 

@@ -36,8 +36,10 @@ class KVCache:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
 
-    def begin_step(self, plan: StepPlan, slot_mapping: torch.Tensor) -> None:
-        """Called once before the forward pass. ``slot_mapping`` [num_tokens]: where this step writes new KV."""
+    def begin_step(self, plan: StepPlan, slot_mapping: torch.Tensor,
+                   slot_mapping_cpu: torch.Tensor | None = None) -> None:
+        """Called once before the forward pass. ``slot_mapping`` [num_tokens]: where this step writes new KV (on
+        the device); ``slot_mapping_cpu``: the same on the CPU, if the caller has it (saves a device sync)."""
 
     def begin_layer(self, layer: int) -> torch.Tensor:
         """Return layer ``layer``'s KV tensor, ready to read and write (may wait for a swap-in)."""

@@ -40,6 +40,7 @@ class SwapStats:
     swap_stall_seconds_total: float
     last_step_stall_seconds: float
     last_step_copy_seconds: float
+    last_step_excess_seconds: float | None
 
 
 class LayerSwapKVCache(KVCache):
@@ -77,6 +78,8 @@ class LayerSwapKVCache(KVCache):
         self._slots_cpu = self._slots_dev = torch.empty(0, dtype=torch.int64)
         self.swap_in_bytes_total = self.swap_out_bytes_total = 0
         self.swap_stall_seconds_total = self.last_step_stall_seconds = self.last_step_copy_seconds = 0.0
+        # What swapping added to the last step, measured within it (SwapSchedule.excess_seconds); None: unknown.
+        self.last_step_excess_seconds: float | None = None
         self.check_layers_on_host(layers_on_host)
         self._layout(layers_on_host)
 
@@ -123,13 +126,15 @@ class LayerSwapKVCache(KVCache):
         self._set_host(host, cap)
 
     # ------------------------------------------------------------------------------------------ step hooks
-    def begin_step(self, plan: StepPlan, slot_mapping: torch.Tensor) -> None:
+    def begin_step(self, plan: StepPlan, slot_mapping: torch.Tensor,
+                   slot_mapping_cpu: torch.Tensor | None = None) -> None:
         if self._in_step:  # the last step never ended
             self.end_step()
+        self.engine.mark()
         nb = self._blocks_in_use(plan)
-        # NOTE: pass slot_mapping on the CPU where possible: a device tensor costs a sync here.
         sm = slot_mapping.reshape(-1).to(torch.int64)
-        cpu = sm.cpu()
+        # NOTE: the runner passes the CPU copy too: reading a device tensor here would cost a sync.
+        cpu = sm.cpu() if slot_mapping_cpu is None else slot_mapping_cpu.reshape(-1).to(torch.int64)
         if bool((cpu < 0).any()):  # padding slots (-1) store nothing
             cpu = cpu[cpu >= 0]
             sm = cpu
@@ -141,8 +146,11 @@ class LayerSwapKVCache(KVCache):
         self._slot_of = [self.schedule.slot(layer, self._phase) for layer in range(self.num_layers)]
         if self.trace is not None:
             self.trace.step += 1
-        if self.layers_on_host == 0:
-            return
+        if self.layers_on_host > 0:
+            self._issue_first_swap_ins(nb)
+        self.engine.mark()
+
+    def _issue_first_swap_ins(self, nb: int) -> None:
         self._ensure_host_capacity(nb)
         for layer in self.schedule.first_swap_ins():
             pending = self._pending.get(layer)
@@ -172,6 +180,7 @@ class LayerSwapKVCache(KVCache):
     def begin_layer(self, layer: int) -> torch.Tensor:
         if not self._in_step or layer != self._next_layer:
             raise RuntimeError(f"begin_layer({layer}) out of order (expected layer {self._next_layer} inside a step)")
+        self.engine.mark()
         slot = self._slot_of[layer]
         if self.schedule.is_host_backed(layer):
             pending = self._pending.pop(layer, None)
@@ -205,7 +214,9 @@ class LayerSwapKVCache(KVCache):
     def end_step(self) -> None:
         if not self._in_step:
             return
-        if self._next_layer == self.num_layers:
+        self.engine.mark()
+        complete = self._next_layer == self.num_layers
+        if complete:
             self._phase = self.schedule.next_phase(self._phase)
         else:  # the forward pass failed midway: settle, forget prefetches (host copies hold what was written)
             self.engine.synchronize()
@@ -217,6 +228,11 @@ class LayerSwapKVCache(KVCache):
         self.swap_out_bytes_total += stats.swap_out_bytes
         self.swap_stall_seconds_total += stats.stall_seconds
         self.last_step_stall_seconds, self.last_step_copy_seconds = stats.stall_seconds, stats.copy_seconds
+        # periods: [begin_step, embedding + layer 0's projections, layer 0, ..., layer n - 1]; begin_step's own
+        # work (swap-in issue, host growth) is swapping cost too.
+        p = stats.periods
+        excess = self.schedule.excess_seconds(p[2:]) if complete and len(p) == self.num_layers + 2 else None
+        self.last_step_excess_seconds = None if excess is None else excess + p[0]
 
     def _swap_in(self, layer: int, slot: int, lo: int, hi: int, slot_free: CopyHandle | None,
                  host_ready: CopyHandle | None) -> CopyHandle:
@@ -252,7 +268,8 @@ class LayerSwapKVCache(KVCache):
             swap_in_bytes_total=self.swap_in_bytes_total, swap_out_bytes_total=self.swap_out_bytes_total,
             swap_stall_seconds_total=self.swap_stall_seconds_total,
             last_step_stall_seconds=self.last_step_stall_seconds,
-            last_step_copy_seconds=self.last_step_copy_seconds)
+            last_step_copy_seconds=self.last_step_copy_seconds,
+            last_step_excess_seconds=self.last_step_excess_seconds)
 
     def close(self) -> None:
         """Settle copies and stop the copy engine's threads (also after a failed copy)."""

@@ -26,6 +26,7 @@ class StepInputs:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     meta: AttentionMetadata
+    slot_mapping_cpu: torch.Tensor  # [T] int64, meta.slot_mapping on the CPU (the swapping cache reads it)
     sample_idx: list[int]  # token index of the last token of each sampling sequence, in plan order
 
 
@@ -83,8 +84,13 @@ class ModelRunner:
         order. Does not modify the sequences."""
         if plan.is_empty:
             return torch.empty(0, self.vocab_size, dtype=torch.float32)
-        inputs = self.prepare(plan.scheduled)
-        self.kv_cache.begin_step(plan, inputs.meta.slot_mapping)
+        return self.forward(plan, self.prepare(plan.scheduled))
+
+    @torch.inference_mode()
+    def forward(self, plan: StepPlan, inputs: StepInputs) -> torch.Tensor:
+        """The forward pass of ``execute`` on prepared inputs (the Pie benchmarks replay recorded inputs on a
+        no-swap cache to measure what swapping cost at exactly the same batches)."""
+        self.kv_cache.begin_step(plan, inputs.meta.slot_mapping, inputs.slot_mapping_cpu)
         try:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
         finally:
@@ -128,7 +134,7 @@ class ModelRunner:
         return StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True),
             positions=torch.from_numpy(positions.astype(np.int64)).to(self.device, non_blocking=True),
-            meta=meta, sample_idx=sample_idx,
+            meta=meta, slot_mapping_cpu=torch.from_numpy(slot_mapping), sample_idx=sample_idx,
         )
 
 

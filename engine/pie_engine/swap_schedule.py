@@ -78,6 +78,24 @@ class SwapSchedule:
         h = len(self.host_backed)
         return self.host_backed[nxt % h], nxt >= h
 
+    def excess_seconds(self, layer_periods: list[float]) -> float | None:
+        """What swapping added to one step, measured inside that step: ``H * (mean host-backed period - mean
+        resident period)``, where ``layer_periods[l]`` is the time from layer l's ``begin_layer`` to layer l+1's
+        (stalls, write-back and prefetch issue included). Every layer does the same work at the same load, so the
+        resident layers are the no-swap reference at exactly this batch; a model of no-swap cost fitted on other
+        loads cannot be that precise. The last layer's period (it ends with the final norm instead of the next
+        layer's projections) is left out of the means. None when there is nothing to compare (m = 0, or every
+        layer host-backed as in the full rotation). NOTE: it misses a slowdown that hits all layers alike (copy
+        threads competing for cores); the controller's latency baseline covers that."""
+        n = self.num_layers
+        if not self.host_backed or len(layer_periods) < n:
+            return None
+        hb = [layer_periods[i] for i in range(n - 1) if i in self.host_backed]
+        res = [layer_periods[i] for i in range(n - 1) if i not in self.host_backed]
+        if not hb or not res:
+            return None
+        return len(self.host_backed) * (sum(hb) / len(hb) - sum(res) / len(res))
+
 
 @dataclass(frozen=True)
 class SwapGeometry:

@@ -23,18 +23,21 @@ GEO = SwapGeometry(num_layers=N, pool_blocks=N * 100, num_staging=2, layer_block
 
 
 def run(ctrl: ExpansionController, iters: int, overhead: Callable[[int], float], *, stall_share: float = 1.0,
-        waiting: int = 1, blocks: int | None = None, seed: int = 0) -> list[int]:
+        excess_share: float | None = None, waiting: int = 1, blocks: int | None = None, seed: int = 0,
+        load: float = 1.0) -> list[int]:
     """Simulated engine: iteration = base(tokens) * (1 + overhead(m)); ``stall_share`` of the extra is stall (the
-    rest is compute slowed down, e.g. by copy threads). Returns m after every iteration."""
+    rest is compute slowed down, e.g. by copy threads); ``excess_share`` of it is reported as measured in-step
+    excess (None: not measured). ``load`` scales the tokens. Returns m after every iteration."""
     rng = random.Random(seed)
     history = []
     for _ in range(iters):
-        tokens = rng.randint(50, 150)
+        tokens = round(load * rng.randint(50, 150))
         base = 0.01 + 1e-4 * tokens
         extra = base * overhead(ctrl.m)
         used = blocks if blocks is not None else GEO.capacity_blocks(ctrl.m)
+        excess = None if excess_share is None or ctrl.m == 0 else extra * excess_share
         ctrl.update(IterationSample(base + extra, extra * stall_share, tokens, num_waiting=waiting,
-                                    blocks_in_use=used))
+                                    blocks_in_use=used, excess_seconds=excess))
         history.append(ctrl.m)
     return history
 
@@ -98,6 +101,26 @@ def test_overhead_without_stall_is_caught_by_the_baseline() -> None:
     hist = run(ctrl, 300, lambda m: 0.0 if m <= 1 else 0.15, stall_share=0.0)
     assert ctrl.baseline.num_samples >= ctrl.config.baseline_min_samples
     assert steps_of(hist) == [0, 1, 2, 1] and ctrl.m == 1 and ctrl.transparent_limit == 1
+
+
+def test_in_step_excess_is_seen_where_the_baseline_cannot_predict() -> None:
+    """The load grows far beyond what the m = 0 baseline saw: only the in-step excess measures the overhead."""
+    ctrl = ExpansionController(GEO)
+    run(ctrl, 12, lambda m: 0.0)  # the baseline learns at the light load, then m starts growing
+    hist = run(ctrl, 300, lambda m: 0.0 if m <= 2 else 0.10, stall_share=0.0, excess_share=1.0, load=4.0)
+    assert ctrl.overheads["baseline"] is None  # 4x the tokens it was fitted on: not trusted
+    assert steps_of(hist)[-2:] == [3, 2] and ctrl.m == 2 and ctrl.transparent_limit == 2
+    assert ctrl.overheads["excess"] == pytest.approx(0.0, abs=1e-9)
+    assert set(ctrl.state()["overheads"]) == {"stall", "excess", "baseline"}
+
+
+def test_unmeasured_overhead_beyond_the_baseline_range_is_not_guessed() -> None:
+    """Without an in-step measurement and beyond the baseline's range only stalls count (none here): the
+    controller does not invent overhead from an extrapolated model."""
+    ctrl = ExpansionController(GEO)
+    run(ctrl, 12, lambda m: 0.0)
+    hist = run(ctrl, 200, lambda m: 0.0, stall_share=0.0, load=4.0)
+    assert ctrl.num_shrinks == 0 and hist[-1] == N - 1
 
 
 def test_idle_gives_layers_back() -> None:

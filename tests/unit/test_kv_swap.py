@@ -144,6 +144,39 @@ def test_slow_copies_stall_and_fast_copies_with_compute_hide(caches) -> None:
     assert 0 <= fast.swap_stall_seconds_total < slow.swap_stall_seconds_total
 
 
+def test_excess_is_measured_inside_the_step(caches) -> None:
+    """Per-layer periods on the cache's timeline: host-backed layers that take 0.5 longer than resident ones give
+    an excess of H * 0.5 per step (a fake clock makes it exact)."""
+    cache = caches(2, 2)
+    now = [0.0]
+    cache.engine.clock = lambda: now[0]
+    hb = set(cache.schedule.host_backed)
+
+    def compute(layer: int) -> None:
+        now[0] += 1.5 if layer in hb else 1.0
+
+    drv = ToyDriver(cache, seed=3)
+    for _ in range(5):
+        drv.step(compute=compute)
+        assert cache.last_step_excess_seconds == pytest.approx(0.5 * len(hb))
+    assert cache.stats().last_step_excess_seconds == pytest.approx(0.5 * len(hb))
+    resident = caches(0, 2)
+    ToyDriver(resident).step()
+    assert resident.last_step_excess_seconds is None  # nothing swapped, nothing to compare
+
+
+def test_stalls_show_up_as_excess(caches) -> None:
+    """Wall clock: a throttled swap-in makes host-backed layers wait, which the in-step excess sees."""
+    cache = caches(3, 2, link_in=LinkModel(latency_s=0.02))
+    drv = ToyDriver(cache, seed=1)
+    excess = stall = 0.0
+    for _ in range(4):
+        drv.step(compute=lambda layer: time.sleep(0.001))
+        excess += cache.last_step_excess_seconds or 0.0
+        stall += cache.last_step_stall_seconds
+    assert stall > 0.02 and excess > 0.5 * stall
+
+
 def test_reconfiguration_preserves_data(caches) -> None:
     cache = caches(0, 2)
     driver = ToyDriver(cache, seed=11, max_seqs=3, max_output=40)

@@ -101,3 +101,18 @@ def test_geometry_rejects_bad_config() -> None:
         SwapGeometry(4, 3)
     with pytest.raises(ValueError, match="num_layers"):
         SwapGeometry(0, 3)
+
+
+@pytest.mark.parametrize(("m", "periods", "want"), [
+    # n = 6, k = 2. m = 2: host-backed (0, 2, 3, 5) -> compared over layers 0..4: hb 0, 2, 3 vs resident 1, 4.
+    (2, [1.5, 1.0, 1.5, 1.5, 1.0, 9.0], 4 * 0.5),
+    (2, [1.0] * 6, 0.0),  # nothing extra: swapping was transparent
+    (2, [1.0, 1.2, 1.0, 1.0, 1.2, 1.0], 4 * -0.2),  # noise can be negative; the controller sums a window
+    (0, [1.0] * 6, None),  # nothing swapped
+    (4, [1.0] * 6, None),  # S = 2 = k: every layer host-backed (full rotation), no resident reference
+    (2, [1.0] * 5, None),  # an incomplete step
+])
+def test_excess_compares_host_backed_with_resident_layers(m: int, periods: list[float], want: float | None) -> None:
+    sched = SwapGeometry(6, 60, 2).schedule(m)
+    got = sched.excess_seconds(periods)
+    assert got == pytest.approx(want) if want is not None else got is None
