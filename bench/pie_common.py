@@ -10,9 +10,11 @@ Conventions (docs/pie.md, "Benchmarks"):
   runs differed by up to 1.8x, while the critical path is immune to being descheduled (it still includes memory
   contention from the copy threads, the CPU analog of a copy engine sharing HBM bandwidth). Headline ratios use the
   critical path; the wall-clock figures are reported next to them.
-- Latency overhead of a run = sum(iteration cost) / sum(no-swap prediction) - 1, where the prediction is the
-  engine's own LatencyBaseline (a + b * tokens + c * context tokens) fitted on the SAME run's no-swap, unlimited
-  budget iterations. Raw iteration times are reported too, but they grow with the batch size expansion allows.
+- Latency overhead of a run: each forward pass is replayed on a no-swap shadow runner right after it ran, on the
+  same batch (pie_replay.py), and only the forward pass is exchanged: sum(iteration) / sum(iteration - forward +
+  shadow forward) - 1. Also reported: the engine's own in-step estimate (``engine_excess_estimate``) and the old
+  model-based figure (``latency_overhead_vs_model``: against the LatencyBaseline fitted on the ideal run). Raw
+  iteration times are reported too, but they grow with the batch size expansion allows.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,6 @@ import torch
 
 from bench.common import RESULTS, Request, save, workload
 from bench.pie_replay import ForwardRecorder, replay_overhead
-from bench.pie_replay import replay as pie_replay
 
 # 8 layers so m = 0..7 is a meaningful sweep; KV heads 2 x head_dim 64 (1 KiB of fp32 KV per token and layer).
 PIE_MODEL_KW = {"layers": 8, "hidden": 256, "heads": 4, "kv_heads": 2, "intermediate": 768, "vocab": 2048,
@@ -136,7 +137,7 @@ class RunResult:
 def run_offline(label: str, reqs: list[Request], budget_bytes: int | None, expansion: str = "off",
                 replay: bool = True, **cfg) -> RunResult:
     """Serve ``reqs`` (all arriving at once) to completion on a fresh engine; greedy, EOS ignored. ``replay``:
-    afterwards re-run every forward pass without swapping (pie_replay.py) to measure the latency overhead."""
+    re-run every forward pass on a no-swap shadow runner (pie_replay.py) to measure the latency overhead."""
     from pie_engine.config import EngineConfig
     from pie_engine.engine import LLMEngine
     from pie_engine.sampling_params import SamplingParams
@@ -173,7 +174,13 @@ def run_offline(label: str, reqs: list[Request], budget_bytes: int | None, expan
         return time.thread_time() + (copies.stall_seconds_total if copies is not None else 0.0)
 
     engine.pie.set_clock(critical_path)
-    recorder = ForwardRecorder(engine.runner, critical_path)
+    shadow = None
+    if replay:  # big enough for any block id at any m: n times the budget (m = n - 1)
+        from pie_engine.model_runner import ModelRunner
+
+        shadow_budget = PIE_MODEL_KW["layers"] * int(config.gpu_memory_budget)
+        shadow = ModelRunner(replace(config, expansion="off", gpu_memory_budget=str(shadow_budget)))
+    recorder = ForwardRecorder(engine.runner, critical_path, shadow)
     before = engine.pie.state()
     params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
     preempt0 = engine.scheduler.num_preemptions_total
@@ -186,9 +193,8 @@ def run_offline(label: str, reqs: list[Request], budget_bytes: int | None, expan
     engine.pie.close()
     if len(recorder.steps) != len(records):
         raise RuntimeError(f"{len(recorder.steps)} forward passes for {len(records)} iterations")
-    replayed = pie_replay(config, recorder.steps) if replay else [None] * len(records)
-    for it, step, again in zip(records, recorder.steps, replayed, strict=True):
-        it.forward_cost, it.replay_cost = step.cost, again
+    for it, step in zip(records, recorder.steps, strict=True):
+        it.forward_cost, it.replay_cost = step.cost, step.shadow_cost
     return RunResult(label, elapsed, cpu, sum(len(o.token_ids) for o in outs),
                      engine.scheduler.num_preemptions_total - preempt0, [o.token_ids for o in outs], records,
                      after["swap_in_bytes_total"] - before["swap_in_bytes_total"],

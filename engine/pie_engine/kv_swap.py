@@ -135,11 +135,12 @@ class LayerSwapKVCache(KVCache):
         sm = slot_mapping.reshape(-1).to(torch.int64)
         # NOTE: the runner passes the CPU copy too: reading a device tensor here would cost a sync.
         cpu = sm.cpu() if slot_mapping_cpu is None else slot_mapping_cpu.reshape(-1).to(torch.int64)
-        if bool((cpu < 0).any()):  # padding slots (-1) store nothing
-            cpu = cpu[cpu >= 0]
-            sm = cpu
-        if cpu.numel() and int(cpu.max()) >= nb * self.block_size:
-            raise ValueError(f"slot_mapping writes slot {int(cpu.max())}, beyond the {nb} blocks in use")
+        rows = cpu.numpy()  # checks in numpy: a few torch ops here cost more than a decode step's copies
+        if rows.size and rows.min() < 0:  # padding slots (-1) store nothing
+            cpu = sm = cpu[cpu >= 0]
+            rows = cpu.numpy()
+        if rows.size and rows.max() >= nb * self.block_size:
+            raise ValueError(f"slot_mapping writes slot {int(rows.max())}, beyond the {nb} blocks in use")
         self._slots_cpu, self._slots_dev = cpu, sm if sm.device == self.device else cpu.to(self.device)
         self._nb = nb
         self._in_step, self._next_layer = True, 0
