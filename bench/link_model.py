@@ -101,7 +101,9 @@ def run(quick: bool = False) -> dict:
                      "predicted_max_transparent_m": max(0, min(n - 2, int(n / rho) - NUM_STAGING))}
         rows = []
         for m in range(1, n):
-            r = run_offline(f"{name} m={m}", reqs, budget, ratio_for(m, n), swap_staging_slots=NUM_STAGING, **cfg)
+            # No shadow replay: it would give in-flight copies extra time, and this bench is about stalls.
+            r = run_offline(f"{name} m={m}", reqs, budget, ratio_for(m, n), replay=False,
+                            swap_staging_slots=NUM_STAGING, **cfg)
             assert r.outputs == ref.outputs and len(r.iterations) == len(ref.iterations)
             rows.append({"layers_on_host": m, "expansion_ratio": round(n / (n - m), 3),
                          "latency_overhead": round(r.critical_s / ref.critical_s - 1, 4),

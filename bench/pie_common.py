@@ -154,8 +154,12 @@ def run_offline(label: str, reqs: list[Request], budget_bytes: int | None, expan
 
     last_cpu = [0.0]
 
+    def engine_cpu() -> float:
+        """CPU time of the engine thread, without the shadow replays it ran (pie_replay.py)."""
+        return time.thread_time() - recorder.shadow_cpu_total
+
     def observe(plan, seconds: float) -> None:
-        now = time.thread_time()
+        now = engine_cpu()
         records.append(Iteration(seconds, now - last_cpu[0], plan.num_batched_tokens, engine.pie.context_tokens(plan),
                                  getattr(kv, "layers_on_host", 0), getattr(kv, "last_step_stall_seconds", 0.0),
                                  getattr(kv, "last_step_excess_seconds", None)))
@@ -171,7 +175,7 @@ def run_offline(label: str, reqs: list[Request], budget_bytes: int | None, expan
     copies = getattr(kv, "engine", None)  # the swapping cache's copy engine: its stall total grows live
 
     def critical_path() -> float:
-        return time.thread_time() + (copies.stall_seconds_total if copies is not None else 0.0)
+        return engine_cpu() + (copies.stall_seconds_total if copies is not None else 0.0)
 
     engine.pie.set_clock(critical_path)
     shadow = None
@@ -184,10 +188,10 @@ def run_offline(label: str, reqs: list[Request], budget_bytes: int | None, expan
     before = engine.pie.state()
     params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
     preempt0 = engine.scheduler.num_preemptions_total
-    start, cpu0 = time.perf_counter(), time.thread_time()
+    start, cpu0 = time.perf_counter(), engine_cpu()
     last_cpu[0] = cpu0
     outs = engine.generate([r.prompt_token_ids for r in reqs], params)
-    elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu0
+    elapsed, cpu = time.perf_counter() - start - recorder.shadow_wall_total, engine_cpu() - cpu0
     after = engine.pie.state()
     log.removeHandler(handler)
     engine.pie.close()

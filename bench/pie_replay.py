@@ -42,6 +42,9 @@ class ForwardRecorder:
 
     def __init__(self, runner: Any, clock: Callable[[], float], shadow: Any = None) -> None:
         self.steps: list[RecordedForward] = []
+        # NOTE: the shadow runs on the engine thread, inside the engine's step: whoever times the engine must
+        # subtract these (bench/pie_common.py's clocks do).
+        self.shadow_cpu_total = self.shadow_wall_total = 0.0
         inner = runner.forward
 
         def forward(plan: Any, inputs: Any) -> torch.Tensor:
@@ -50,9 +53,11 @@ class ForwardRecorder:
             cost = clock() - t0
             shadow_cost = None
             if shadow is not None:
-                t1 = time.thread_time()
+                w1, t1 = time.perf_counter(), time.thread_time()
                 shadow.forward(plan, inputs)  # NOTE: a DeviceKVCache ignores the plan; the inputs are read-only
                 shadow_cost = time.thread_time() - t1
+                self.shadow_cpu_total += shadow_cost
+                self.shadow_wall_total += time.perf_counter() - w1
             self.steps.append(RecordedForward(cost, shadow_cost))
             return out
 

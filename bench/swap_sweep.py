@@ -3,7 +3,8 @@
 The device KV budget holds about half of the workload's KV (every request running at once). Baselines in the SAME
 run: expansion off at the same budget (no-swap: fewer sequences fit, so smaller batches and preemption), and
 expansion off with an unlimited budget (the ideal: everything fits, nothing is copied). Latency overhead is measured
-against the no-swap latency model fitted on the ideal run (pie_common.py). Outputs must be identical everywhere.
+against the same forward passes replayed without swapping (pie_replay.py); the no-swap runs measured the same way
+give the method's floor. Outputs must be identical everywhere.
 
     PYTHONPATH=engine:. python bench/swap_sweep.py [--quick]
 """
@@ -72,7 +73,7 @@ def run(quick: bool = False, repeats: int = 2) -> dict:
               ms, {"throughput / no-swap": [r["throughput_vs_no_swap"] for r in result["sweep"]]},
               "layers on host (m)", "throughput vs no-swap (same budget)",
               hline={"ideal (unlimited budget)": result["ideal_vs_no_swap"], "no-swap": 1.0},
-              ax2={"latency overhead vs no-swap model": [r["latency_overhead"] or 0.0 for r in result["sweep"]]},
+              ax2={"latency overhead vs no-swap replay": [r["latency_overhead"] or 0.0 for r in result["sweep"]]},
               ylabel2="iteration latency overhead")
     return result
 

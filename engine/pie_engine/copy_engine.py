@@ -288,9 +288,16 @@ def _row_bytes(kv: torch.Tensor) -> int:
 
 def make_copy_engine(device: torch.device, link_in: LinkModel | None = None, link_out: LinkModel | None = None,
                      trace: Trace | None = None) -> CopyEngine:
-    """The backend for ``device``: CUDA streams on a GPU, worker threads otherwise."""
+    """The backend for ``device``: CUDA streams on a GPU; on the CPU the GIL-free C workers (copy_engine_native.py)
+    when they build, else worker threads. ``PIE_COPY_ENGINE=native|threads`` forces one (native unavailable:
+    RuntimeError). A traced run always uses threads: only they record copy events in true completion order."""
     if device.type == "cuda":
         from pie_engine.copy_engine_cuda import CudaCopyEngine
 
         return CudaCopyEngine(device, link_in, link_out, trace)
+    if trace is None:
+        from pie_engine.copy_engine_native import cpu_engine_from_env
+
+        if (engine := cpu_engine_from_env(link_in, link_out)) is not None:
+            return engine
     return ThreadCopyEngine(link_in, link_out, trace)

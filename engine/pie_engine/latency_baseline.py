@@ -69,14 +69,14 @@ class LatencyBaseline:
     def predict(self, num_tokens: int, context_tokens: int = 0) -> float | None:
         """Expected no-swap seconds, or None when the model has too few samples or would extrapolate far.
 
-        Expansion exists to run bigger batches than m = 0 allows, so predictions extend up to ``extrapolation``
-        times beyond the fitted token / context ranges (the model is linear for a physical reason); a feature
-        that barely varied has an unreliable slope, so for it only 1.25x is trusted.
+        Predictions extend up to ``extrapolation`` times beyond the fitted token / context ranges (the controller
+        uses 1.25: cost is not linear far out, e.g. CPU caches); a feature that barely varied has an unreliable
+        slope, so for it at most 1.25x is trusted.
         """
         if self.num_samples < self.min_samples:
             return None
         for value, (lo, hi) in ((num_tokens, self._tok_range), (context_tokens, self._ctx_range)):
-            limit = self.extrapolation if hi >= 1.5 * lo + 1 else 1.25
+            limit = self.extrapolation if hi >= 1.5 * lo + 1 else min(1.25, self.extrapolation)
             if value > limit * hi + 1 or value < lo / limit - 1:
                 return None
         if self._coef is None:
