@@ -76,7 +76,7 @@ def workload_kv_bytes(reqs: list[Request]) -> int:
 
 @dataclass
 class Iteration:
-    seconds: float  # wall
+    seconds: float  # the engine's iteration clock (run_offline sets it to the critical path)
     cpu_seconds: float  # engine-thread CPU time since the previous iteration ended
     tokens: int
     context_tokens: int

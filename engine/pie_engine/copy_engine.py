@@ -149,10 +149,49 @@ class CopyEngine(ABC):
         return stats
 
 
+class HostTimedCopyEngine(CopyEngine):
+    """The CPU backends' shared accounting: the compute thread blocks in ``wait`` (the stall, wall time), the
+    timeline is read with ``clock``, and a copy's duration is known on its handle once it finished."""
+
+    def __init__(self, link_in: LinkModel | None, link_out: LinkModel | None, trace: Trace | None) -> None:
+        super().__init__(link_in, link_out, trace)
+        # The timeline clock for ``mark``: wall time; a benchmark may substitute the critical path (CPU time of the
+        # compute thread plus ``stall_seconds_total``, which grows live inside ``wait``).
+        self.clock: Callable[[], float] = time.perf_counter
+        self.stall_seconds_total = 0.0
+        self._marks: list[float] = []
+        self._unaccounted: list[CopyHandle] = []
+
+    def wait(self, handle: CopyHandle) -> None:
+        if not handle.done.is_set():
+            t0 = time.perf_counter()
+            handle.done.wait()
+            stall = time.perf_counter() - t0
+            self._stats.stall_seconds += stall
+            self.stall_seconds_total += stall
+        handle.wait_host()
+        self._unaccounted.append(handle)  # swap-ins are accounted in the step that consumed them
+
+    def mark(self) -> None:
+        self._marks.append(self.clock())
+
+    def end_step(self) -> StepCopyStats:
+        rest = []
+        for h in self._unaccounted:
+            if (seconds := h.seconds) is not None:
+                self._stats.copy_seconds += seconds
+            elif not h.done.is_set():
+                rest.append(h)
+        self._unaccounted = rest
+        marks, self._marks = self._marks, []
+        self._stats.periods = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+        return self._take_stats()
+
+
 _Job = tuple[CopyHandle, Sequence[CopyHandle], Callable[[], None]]
 
 
-class ThreadCopyEngine(CopyEngine):
+class ThreadCopyEngine(HostTimedCopyEngine):
     """CPU backend: copies run on two worker threads (in, out), each a FIFO, so ordering and stalls are real.
 
     Every torch call a worker makes re-takes the GIL when it returns, and the compute thread then waits for it
@@ -169,12 +208,6 @@ class ThreadCopyEngine(CopyEngine):
         self._queues: dict[str, queue.SimpleQueue[_Job | None]] = {"in": queue.SimpleQueue(),
                                                                     "out": queue.SimpleQueue()}
         self._outstanding: list[CopyHandle] = []
-        self._unaccounted: list[CopyHandle] = []
-        # The timeline clock for ``mark``: wall time; a benchmark may substitute the critical path (CPU time of the
-        # compute thread plus ``stall_seconds_total``, which grows live inside ``wait``).
-        self.clock: Callable[[], float] = time.perf_counter
-        self.stall_seconds_total = 0.0
-        self._marks: list[float] = []
         self._threads = [threading.Thread(target=self._worker, args=(d,), name=f"pie-kv-{d}", daemon=True)
                          for d in self._queues]
         for t in self._threads:
@@ -243,31 +276,6 @@ class ThreadCopyEngine(CopyEngine):
             h.error = e
         finally:
             h.done.set()
-
-    def wait(self, handle: CopyHandle) -> None:
-        if not handle.done.is_set():
-            t0 = time.perf_counter()
-            handle.done.wait()
-            stall = time.perf_counter() - t0
-            self._stats.stall_seconds += stall
-            self.stall_seconds_total += stall
-        handle.wait_host()
-        self._unaccounted.append(handle)  # swap-ins are accounted in the step that consumed them
-
-    def mark(self) -> None:
-        self._marks.append(self.clock())
-
-    def end_step(self) -> StepCopyStats:
-        rest = []
-        for h in self._unaccounted:
-            if h.seconds is not None:
-                self._stats.copy_seconds += h.seconds
-            elif not h.done.is_set():
-                rest.append(h)
-        self._unaccounted = rest
-        marks, self._marks = self._marks, []
-        self._stats.periods = [b - a for a, b in zip(marks, marks[1:], strict=False)]
-        return self._take_stats()
 
     def synchronize(self) -> None:
         for h in self._outstanding:

@@ -22,12 +22,11 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from pie_engine.copy_engine import CopyEngine, CopyHandle, LinkModel, StepCopyStats, Trace
+from pie_engine.copy_engine import CopyEngine, CopyHandle, HostTimedCopyEngine, LinkModel, Trace
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +178,7 @@ def _pair(dst: torch.Tensor, src: torch.Tensor) -> tuple[int, int, int, int, int
     return dst.data_ptr(), src.data_ptr(), blk, ds[1] * blk, ss[1] * blk
 
 
-class NativeCopyEngine(CopyEngine):
+class NativeCopyEngine(HostTimedCopyEngine):
     """CPU backend with C workers (one FIFO per direction); same semantics as ``ThreadCopyEngine``.
 
     Prerequisites are (direction, seq) pairs resolved in C. Every write-back goes to the out worker: a submit costs
@@ -201,11 +200,6 @@ class NativeCopyEngine(CopyEngine):
         self._sh = _Shared(nogil, cw)
         self._finalize = weakref.finalize(self, nogil.pie_cw_destroy, cw)  # drains and joins even if not closed
         self._outstanding: tuple[deque[NativeCopyHandle], deque[NativeCopyHandle]] = (deque(), deque())
-        self._unaccounted: list[CopyHandle] = []
-        # The timeline clock for ``mark`` (as ThreadCopyEngine): a benchmark may substitute the critical path.
-        self.clock: Callable[[], float] = time.perf_counter
-        self.stall_seconds_total = 0.0
-        self._marks: list[float] = []
 
     def _pre(self, w: CopyHandle | None) -> tuple[int, int]:
         """A prerequisite as (direction, seq); (0, 0) when there is nothing to wait for."""
@@ -265,31 +259,6 @@ class NativeCopyEngine(CopyEngine):
             q.popleft().keep = None
         q.append(h)
         return h
-
-    def wait(self, handle: CopyHandle) -> None:
-        if not handle.done.is_set():
-            t0 = time.perf_counter()
-            handle.done.wait()
-            stall = time.perf_counter() - t0
-            self._stats.stall_seconds += stall
-            self.stall_seconds_total += stall
-        handle.wait_host()
-        self._unaccounted.append(handle)  # swap-ins are accounted in the step that consumed them
-
-    def mark(self) -> None:
-        self._marks.append(self.clock())
-
-    def end_step(self) -> StepCopyStats:
-        rest = []
-        for h in self._unaccounted:
-            if (s := h.seconds) is not None:
-                self._stats.copy_seconds += s
-            elif not h.done.is_set():
-                rest.append(h)
-        self._unaccounted = rest
-        marks, self._marks = self._marks, []
-        self._stats.periods = [b - a for a, b in zip(marks, marks[1:], strict=False)]
-        return self._take_stats()
 
     def copy_seconds_total(self, direction: str) -> float:
         """Seconds the ``direction`` ("in"/"out") worker has spent on copies (link-model sleeps included)."""

@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 
 from pie_engine.config import EngineConfig, parse_bytes
-from pie_engine.copy_engine import LinkModel
+from pie_engine.copy_engine import HostTimedCopyEngine, LinkModel
 from pie_engine.expansion import ControllerConfig, ExpansionController, IterationSample, parse_expansion
 from pie_engine.kv_cache import DeviceKVCache, KVCache
 from pie_engine.kv_swap import LayerSwapKVCache
@@ -94,7 +94,7 @@ class ExpansionRuntime:
         time: a benchmark on a machine shared with other jobs uses the engine thread's CPU time plus swap stalls
         (bench/pie_common.py), so the controller sees what the benchmark reports."""
         self.clock = clock
-        if self.swap is not None and hasattr(self.swap.engine, "clock"):
+        if self.swap is not None and isinstance(self.swap.engine, HostTimedCopyEngine):  # CUDA times on the GPU
             self.swap.engine.clock = clock
 
     @property
