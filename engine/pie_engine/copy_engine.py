@@ -1,8 +1,10 @@
 """Asynchronous KV copies between a layer's device slot and its host copy, in two directions.
 
-One small interface (``CopyEngine``) with two backends:
-- ``ThreadCopyEngine`` (CPU device): one worker thread per direction (torch copies release the GIL), ordered by
-  ``threading.Event`` prerequisites. Stall = wall time the compute thread blocks in ``wait``.
+One small interface (``CopyEngine``) with three backends:
+- ``NativeCopyEngine`` (copy_engine_native.py, CPU device, the default there): C worker threads that never hold
+  the GIL. Stall = wall time the compute thread blocks in ``wait``.
+- ``ThreadCopyEngine`` (copy_engine_threads.py, CPU device): the same with Python worker threads; the fallback
+  without a C compiler, and the traced backend of the ordering tests.
 - ``CudaCopyEngine`` (copy_engine_cuda.py): one CUDA stream per direction, pinned host memory, CUDA events; the
   compute stream waits on an event, and stall is measured on the GPU with timing events.
 
@@ -12,11 +14,10 @@ bench can model a slow link (PCIe) against a fast one (NVLink-C2C) on any machin
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,11 @@ class StepCopyStats:
 def kv_flat(kv: torch.Tensor) -> torch.Tensor:
     """[2, NB, BS, Hkv, D] -> [2, NB * BS, Hkv, D] (a view: slot s is row s)."""
     return kv.view(2, -1, kv.shape[-2], kv.shape[-1])
+
+
+def row_bytes(kv: torch.Tensor) -> int:
+    """Bytes of one token's K (or V) in a [2, NB, BS, Hkv, D] tensor."""
+    return kv.shape[-2] * kv.shape[-1] * kv.element_size()
 
 
 def copy_blocks(dst: torch.Tensor, src: torch.Tensor, lo: int, hi: int, non_blocking: bool = False) -> None:
@@ -188,112 +194,6 @@ class HostTimedCopyEngine(CopyEngine):
         return self._take_stats()
 
 
-_Job = tuple[CopyHandle, Sequence[CopyHandle], Callable[[], None]]
-
-
-class ThreadCopyEngine(HostTimedCopyEngine):
-    """CPU backend: copies run on two worker threads (in, out), each a FIFO, so ordering and stalls are real.
-
-    Every torch call a worker makes re-takes the GIL when it returns, and the compute thread then waits for it
-    (measured on the 2-vCPU bench machine: ~10 us of compute-thread CPU per re-take, ~18 us per job handed over).
-    So a swap-in is one strided copy, and a write-back of at most ``inline_bytes`` (a decode step writes a few rows
-    per layer) runs on the calling thread, which costs less than handing it over, unless a link model throttles it.
-    Running it at once is safe: it has no prerequisite (see ``write_back``) and nothing in flight touches its rows.
-    """
-
-    def __init__(self, link_in: LinkModel | None = None, link_out: LinkModel | None = None,
-                 trace: Trace | None = None, inline_bytes: int = 256 * 1024) -> None:
-        super().__init__(link_in, link_out, trace)
-        self.inline_bytes = inline_bytes
-        self._queues: dict[str, queue.SimpleQueue[_Job | None]] = {"in": queue.SimpleQueue(),
-                                                                    "out": queue.SimpleQueue()}
-        self._outstanding: list[CopyHandle] = []
-        self._threads = [threading.Thread(target=self._worker, args=(d,), name=f"pie-kv-{d}", daemon=True)
-                         for d in self._queues]
-        for t in self._threads:
-            t.start()
-
-    def swap_in(self, dst: torch.Tensor, src: torch.Tensor, lo: int, hi: int, *, slot_free: CopyHandle | None,
-                host_ready: CopyHandle | None, layer: int, slot: int) -> CopyHandle:
-        # NOTE: sizes from shapes: indexing a tensor costs microseconds on the compute thread.
-        h = CopyHandle("in", layer, slot, (hi - lo) * dst.shape[2] * _row_bytes(dst) * 2)
-        waits = [w for w in (slot_free, host_ready) if w is not None]
-        # One strided copy of K and V together (CPU to CPU needs no temporary, unlike copy_blocks' CUDA case).
-        return self._submit("in", h, waits, lambda: dst[:, lo:hi].copy_(src[:, lo:hi]))
-
-    def write_back(self, layer_kv: torch.Tensor, host_kv: torch.Tensor, slots_dev: torch.Tensor,
-                   slots_cpu: torch.Tensor, *, layer: int, slot: int) -> CopyHandle:
-        h = CopyHandle("out", layer, slot, slots_cpu.numel() * _row_bytes(layer_kv) * 2)
-
-        def run() -> None:
-            kv_flat(host_kv).index_copy_(1, slots_cpu, kv_flat(layer_kv).index_select(1, slots_cpu))
-
-        # NOTE: no prerequisite: on the CPU, end_layer is called after the layer's compute has finished.
-        inline = self.link_out is None and h.nbytes <= self.inline_bytes
-        return self._submit("out", h, [], run, inline)
-
-    def _submit(self, direction: str, h: CopyHandle, waits: Sequence[CopyHandle], fn: Callable[[], None],
-                inline: bool = False) -> CopyHandle:
-        if direction == "in":
-            self._stats.swap_in_bytes += h.nbytes
-        else:
-            self._stats.swap_out_bytes += h.nbytes
-            self._unaccounted.append(h)  # write-backs are accounted in the step that issued them
-        if inline:
-            self._run(direction, h, waits, fn, None)
-            return h
-        self._outstanding = [o for o in self._outstanding if not o.done.is_set()]
-        self._outstanding.append(h)
-        self._queues[direction].put((h, waits, fn))
-        return h
-
-    @torch.inference_mode()
-    def _worker(self, direction: str) -> None:
-        # NOTE: inference mode is thread-local; the engine runs in it, so the host copies it allocates are
-        # inference tensors, which may only be updated in place inside inference mode.
-        link = self.link_in if direction == "in" else self.link_out
-        q = self._queues[direction]
-        while (job := q.get()) is not None:
-            self._run(direction, *job, link)
-
-    def _run(self, direction: str, h: CopyHandle, waits: Sequence[CopyHandle], fn: Callable[[], None],
-             link: LinkModel | None) -> None:
-        """One copy job: its prerequisites, the copy, the link model's delay; a failure goes to the handle."""
-        try:
-            for w in waits:
-                w.wait_host()
-            if self.trace is not None:
-                self.trace.record(f"{direction}_start", h.layer, h.slot)
-            t0 = time.perf_counter()
-            fn()
-            if link is not None and (rest := link.seconds(h.nbytes) - (time.perf_counter() - t0)) > 0:
-                time.sleep(rest)
-            h.seconds = time.perf_counter() - t0
-            # NOTE: logged before `done` is set, so whoever waited on it logs strictly later.
-            if self.trace is not None:
-                self.trace.record(f"{direction}_end", h.layer, h.slot)
-        except BaseException as e:  # surfaced to the waiter by wait_host()
-            h.error = e
-        finally:
-            h.done.set()
-
-    def synchronize(self) -> None:
-        for h in self._outstanding:
-            h.wait_host()
-        self._outstanding = []
-
-    def close(self) -> None:
-        for q in self._queues.values():
-            q.put(None)
-        for t in self._threads:
-            t.join()
-
-
-def _row_bytes(kv: torch.Tensor) -> int:
-    """Bytes of one token's K (or V) in a [2, NB, BS, Hkv, D] tensor."""
-    return kv.shape[-2] * kv.shape[-1] * kv.element_size()
-
-
 def make_copy_engine(device: torch.device, link_in: LinkModel | None = None, link_out: LinkModel | None = None,
                      trace: Trace | None = None) -> CopyEngine:
     """The backend for ``device``: CUDA streams on a GPU; on the CPU the GIL-free C workers (copy_engine_native.py)
@@ -303,6 +203,8 @@ def make_copy_engine(device: torch.device, link_in: LinkModel | None = None, lin
         from pie_engine.copy_engine_cuda import CudaCopyEngine
 
         return CudaCopyEngine(device, link_in, link_out, trace)
+    from pie_engine.copy_engine_threads import ThreadCopyEngine
+
     if trace is None:
         from pie_engine.copy_engine_native import cpu_engine_from_env
 

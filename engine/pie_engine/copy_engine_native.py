@@ -5,101 +5,26 @@ each job costs the compute thread ~30 us of CPU (bench/swap_sweep.py, docs/pie.m
 thread pays for one ctypes call per job (it keeps the GIL: the call only queues the job and signals a condvar);
 the copies are plain ``memcpy`` on pthreads, and only ``wait`` (a ctypes call that releases the GIL) can block.
 
-The library is compiled on first use with the system C compiler into
-``$PIE_CACHE/native/copy_worker-<sha256 of the source>.so`` (default ``~/.cache/pie``); ``native_available()``
-says whether that worked (the reason is logged once). CPU tensors only, contiguous (raw pointers).
+The library is compiled on first use (copy_worker_lib.py). CPU tensors only, contiguous (raw pointers).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import threading
 import time
 import weakref
 from collections import deque
-from pathlib import Path
 
 import torch
 
 from pie_engine.copy_engine import CopyEngine, CopyHandle, HostTimedCopyEngine, LinkModel, Trace
+from pie_engine.copy_worker_lib import load, native_available
 
-log = logging.getLogger(__name__)
-
-_SRC = Path(__file__).with_name("csrc") / "copy_worker.c"
 _DIR = {"in": 0, "out": 1}
 POLL_S = float(os.environ.get("PIE_CW_POLL_S", "0.002"))
 NAP_S = float(os.environ.get("PIE_CW_NAP_S", "0.00002"))
 _DONE_ALL = (2**64 - 1, 2**64 - 1)  # counters after close: every job has completed
-_lib: tuple[ctypes.CDLL, ctypes.PyDLL] | str | None = None  # the loaded library, or why it is unavailable
-
-
-def _build() -> Path:
-    """Compile the worker (once per source version); a temp file and an atomic rename make concurrent builds safe."""
-    src = _SRC.read_bytes()
-    out_dir = Path(os.environ.get("PIE_CACHE", Path.home() / ".cache" / "pie")) / "native"
-    so = out_dir / f"copy_worker-{hashlib.sha256(src).hexdigest()[:16]}.so"
-    if so.exists():
-        return so
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = f"{so}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        # NOTE: compiled from the bytes that were hashed, so the name always matches the code.
-        r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-pthread", "-x", "c", "-o", tmp, "-"], input=src,
-                           capture_output=True, timeout=120, check=False)
-        if r.returncode:
-            raise RuntimeError(f"{cc} failed: {r.stderr.decode(errors='replace').strip()[-2000:]}")
-        os.replace(tmp, so)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return so
-
-
-def _declare(lib: ctypes.CDLL) -> None:
-    p, u64, i, sz = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_size_t
-    pre = [i, u64, i, u64, u64, p]  # two prerequisites (direction, seq), min_ns, result buffer
-    sigs: dict[str, tuple[list, type | None]] = {
-        "pie_cw_create": ([u64, u64], p), "pie_cw_submit_span": ([p, i, p, p, sz, p, p, sz, *pre], u64),
-        "pie_cw_submit_rows": ([p, i, p, p, p, p, sz, p, sz, u64, *pre], u64), "pie_cw_wait": ([p, i, u64], None),
-        "pie_cw_counters": ([p], p), "pie_cw_copy_ns": ([p, i], u64), "pie_cw_destroy": ([p], None)}
-    for name, (args, res) in sigs.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
-
-
-def _load() -> tuple[ctypes.CDLL, ctypes.PyDLL]:
-    """(nogil, gil): CDLL releases the GIL around a call (``wait``, ``destroy`` block); PyDLL keeps it, which is
-    cheaper for the calls that never block (submit, counters), and no other Python thread can cut in."""
-    global _lib
-    if _lib is None:
-        try:
-            so = str(_build())
-            _lib = ctypes.CDLL(so), ctypes.PyDLL(so)
-            for lib in _lib:
-                _declare(lib)
-        except Exception as e:  # noqa: BLE001 - any failure means "use the thread engine"
-            _lib = f"{type(e).__name__}: {e}"
-            log.warning("native KV copy engine unavailable (%s); using ThreadCopyEngine", _lib)
-    if isinstance(_lib, str):
-        raise RuntimeError(f"native KV copy engine unavailable: {_lib}")
-    return _lib
-
-
-def native_available() -> bool:
-    """Whether the C copy worker builds and loads here (a failure is logged once, at warning level)."""
-    try:
-        _load()
-        return True
-    except RuntimeError:
-        return False
 
 
 class _Shared:
@@ -107,7 +32,7 @@ class _Shared:
 
     def __init__(self, nogil: ctypes.CDLL, cw: int) -> None:
         self.nogil, self.cw = nogil, cw
-        self.counters: ctypes.Array | tuple[int, int] = (ctypes.c_uint64 * 2).from_address(
+        self.counters: ctypes.Array | tuple[int, ...] = (ctypes.c_uint64 * 2).from_address(
             nogil.pie_cw_counters(cw))
 
 
@@ -193,7 +118,7 @@ class NativeCopyEngine(HostTimedCopyEngine):
         if trace is not None:
             raise ValueError("NativeCopyEngine records no Trace; use ThreadCopyEngine for traced runs")
         super().__init__(link_in, link_out, trace)
-        nogil, self._gil = _load()
+        nogil, self._gil = load()
         cw = nogil.pie_cw_create(int(poll_s * 1e9), int(nap_s * 1e9))
         if not cw:
             raise RuntimeError("pie_cw_create failed (out of memory or threads)")

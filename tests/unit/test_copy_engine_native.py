@@ -8,13 +8,16 @@ import time
 import pytest
 import torch
 
-from pie_engine import copy_engine_native as native
-from pie_engine.copy_engine import LinkModel, ThreadCopyEngine, Trace, kv_flat, make_copy_engine
+from pie_engine import copy_worker_lib
+from pie_engine.copy_engine import LinkModel, Trace, kv_flat, make_copy_engine
 from pie_engine.copy_engine_native import NativeCopyEngine, native_available
+from pie_engine.copy_engine_threads import ThreadCopyEngine
+from pie_engine.copy_worker_lib import unavailable_reason
 from pie_engine.kv_swap import LayerSwapKVCache
 from tests.unit.kv_swap_driver import ToyDriver
 
-pytestmark = pytest.mark.skipif(not native_available(), reason=f"native copy engine unavailable: {native._lib}")
+pytestmark = pytest.mark.skipif(not native_available(),
+                                reason=f"native copy engine unavailable: {unavailable_reason()}")
 LAYERS, BLOCKS, BS, HEADS, DIM = 6, 12, 4, 2, 4
 
 
@@ -129,7 +132,7 @@ def test_make_copy_engine_choice(monkeypatch) -> None:
         eng = make_copy_engine(cpu, trace=trace)
         eng.close()
         assert type(eng) is want
-    monkeypatch.setattr(native, "_lib", "RuntimeError: no C compiler")
+    monkeypatch.setattr(copy_worker_lib, "_lib", "RuntimeError: no C compiler")
     monkeypatch.setenv("PIE_COPY_ENGINE", "native")
     with pytest.raises(RuntimeError, match="no C compiler"):
         make_copy_engine(cpu)

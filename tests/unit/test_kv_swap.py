@@ -12,7 +12,8 @@ from collections import defaultdict
 import pytest
 import torch
 
-from pie_engine.copy_engine import LinkModel, ThreadCopyEngine, Trace, kv_flat
+from pie_engine.copy_engine import LinkModel, Trace, kv_flat
+from pie_engine.copy_engine_threads import ThreadCopyEngine
 from pie_engine.kv_swap import LayerSwapKVCache
 from pie_engine.plan import ScheduledSeq, StepPlan, SwapPlan
 from pie_engine.sampling_params import SamplingParams
