@@ -73,9 +73,9 @@ class LLMEngine:
                              f"{n + params.max_tokens} were requested ({n} in the prompt, {params.max_tokens} for "
                              f"the completion); shorten the prompt or lower max_tokens")
         need = self.block_manager.blocks_needed(n + params.max_tokens)
-        if need > self.block_manager.num_blocks:
+        if need > (reach := self.pie.reachable_blocks()):
             raise ValueError(f"the request needs {need} KV blocks ({n} + {params.max_tokens} tokens) but the KV "
-                             f"cache holds only {self.block_manager.num_blocks}; lower max_tokens")
+                             f"cache holds at most {reach}; lower max_tokens")
 
     def add_request(self, request_id: str | None, prompt: str | Seq[int], params: SamplingParams,
                     arrival_time: float | None = None) -> Sequence:
@@ -85,6 +85,8 @@ class LLMEngine:
         """
         ids = self.tokenize(prompt)
         self.validate(ids, params)
+        # Adaptive expansion may have to grow first, or the scheduler would find it can never fit.
+        self.pie.require_blocks(self.block_manager.blocks_needed(len(ids) + params.max_tokens))
         seq = Sequence(prompt_token_ids=ids, params=params, request_id=request_id or f"req-{next(self._ids)}")
         if arrival_time is not None:
             seq.arrival_time = arrival_time

@@ -175,6 +175,21 @@ class ExpansionController:
         self.last_decision = "hold"
         return self.m
 
+    def required_layers_on_host(self, blocks: int) -> int | None:
+        """The smallest m whose capacity holds ``blocks`` per layer (one request running alone), within the host
+        limit; None if even the largest allowed m cannot. Off and static modes can only offer their current m."""
+        if self.mode != "adaptive":
+            return self.m if self.geometry.capacity_blocks(self.m) >= blocks else None
+        return next((m for m in range(self.max_layers_on_host + 1) if self.geometry.capacity_blocks(m) >= blocks),
+                    None)
+
+    def require(self, m: int, reason: str) -> int:
+        """Adaptive mode: move up to ``m`` now, whatever the overhead: a request that fits nowhere else needs it
+        (correctness before latency). No-op when already there or not adaptive. Returns the m to apply."""
+        if self.mode == "adaptive" and m > self.m:
+            return self._change(m, reason)
+        return self.m
+
     def _track_peak(self, wanted: int) -> None:
         # NOTE: kept as a plain number so a metrics scrape on another thread never iterates a deque being changed.
         while self._peak and self._peak[-1][1] <= wanted:

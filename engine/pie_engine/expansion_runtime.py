@@ -149,6 +149,23 @@ class ExpansionRuntime:
         """KV tokens the finished step's attention read: after the update, each sequence's computed tokens."""
         return sum(s.seq.num_computed_tokens for s in plan.scheduled)
 
+    def reachable_blocks(self) -> int:
+        """Blocks per layer the largest allowed expansion can give one request (adaptive: at the highest m the host
+        limit allows; otherwise the current capacity). Reads only integers: safe off the engine thread."""
+        ctl = self.controller
+        if self.swap is None or ctl is None or ctl.mode != "adaptive":
+            return self.block_manager.num_blocks
+        return max(self.block_manager.num_blocks, self.swap.geometry.capacity_blocks(ctl.max_layers_on_host))
+
+    def require_blocks(self, blocks: int) -> None:
+        """A request needing ``blocks`` per layer was queued (between steps): expand now if the current capacity
+        cannot hold it but a larger m can, or the scheduler would end it early with "length"."""
+        if self.swap is None or self.controller is None or blocks <= self.block_manager.num_blocks:
+            return
+        m = self.controller.required_layers_on_host(blocks)
+        if m is not None and m > self.swap.layers_on_host:
+            self.apply(self.controller.require(m, f"a request needs {blocks} KV blocks per layer"))
+
     def largest_need(self) -> int:
         """Blocks per layer the longest unfinished request needs to run to completion alone. A capacity below
         this would end it early with "length", so neither the controller nor a budget change shrinks below it."""
@@ -166,9 +183,12 @@ class ExpansionRuntime:
         try:
             kv.check_layers_on_host(m)
             c_new = kv.capacity_blocks(m)
-            if c_new < self.largest_need():
-                raise ValueError(f"an unfinished request needs {self.largest_need()} blocks per layer, more than "
-                                 f"the {c_new} that m = {m} gives")
+            if c_new < (need := self.largest_need()):
+                # Expected while a long request runs (it may have forced this m): not a failure, so not a warning.
+                log.info("expansion: staying at %d layers on host: an unfinished request needs %d blocks per layer, "
+                         "more than the %d that m = %d gives", kv.layers_on_host, need, c_new, m)
+                self.controller.reject(m)
+                return []
             preempted = self._resize(c_new, lambda keep: kv.set_layers_on_host(m, keep_blocks=keep))
         except (ValueError, RuntimeError) as e:
             log.warning("expansion: cannot move to %d layers on host (%s); staying at %d", m, e, kv.layers_on_host)

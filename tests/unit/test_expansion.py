@@ -228,3 +228,33 @@ def test_latency_baseline_fits_and_refuses_to_extrapolate() -> None:
         flat.add(0.5, 64)  # one batch size, no context reported: still predicts that point
     assert flat.predict(64) == pytest.approx(0.5, rel=1e-3)
     assert flat.predict(100) is None  # no slope was ever observed: do not guess it
+
+
+@pytest.mark.parametrize(("mode", "limit", "blocks", "want"), [
+    ("adaptive", None, 100, 0),  # fits without swapping
+    ("adaptive", None, 101, 1),  # C(1) = 800 // 7 = 114
+    ("adaptive", None, 400, 6),  # C(6) = 400
+    ("adaptive", None, 800, 7),  # C(7) = 800: one slot
+    ("adaptive", None, 801, None),  # beyond any m
+    ("adaptive", GEO.host_bytes(2), 134, None),  # the host limit allows m <= 2, and C(2) = 133
+    ("off", None, 101, None),  # off and static offer only their m
+    ("static", None, 200, 4),  # ratio 2.0: m = 4, C = 200
+    ("static", None, 201, None),
+])
+def test_required_layers_on_host(mode: str, limit: int | None, blocks: int, want: int | None) -> None:
+    ctrl = ExpansionController(GEO, mode, 2.0 if mode == "static" else None, host_memory_limit=limit)
+    if limit is not None:
+        assert ctrl.max_layers_on_host == 2 and GEO.capacity_blocks(2) == 133
+    assert ctrl.required_layers_on_host(blocks) == want
+
+
+def test_require_grows_at_once_and_overrides_overhead() -> None:
+    """A request that needs a larger m gets it immediately (cooldown or not); the controller never grows past
+    what is asked, and off/static modes ignore the call."""
+    ctrl = ExpansionController(GEO, "adaptive")
+    assert ctrl.require(3, "a request needs 150 blocks") == 3 and ctrl.m == 3 and ctrl.num_grows == 1
+    assert "150 blocks" in ctrl.last_decision
+    assert ctrl.require(2, "smaller") == 3  # never a shrink
+    static = ExpansionController(GEO, "static", 2.0)
+    assert static.require(6, "x") == 4
+    assert ExpansionController(GEO, "off").require(6, "x") == 0

@@ -141,3 +141,27 @@ def test_live_budget_shrink_and_grow_is_exact(tiny_model, arch: str, expansion: 
     if expansion != "adaptive":  # the controller may move m after the budget change
         assert applied[1]["num_device_blocks"] == engine.block_manager.num_blocks
     assert engine.pie.device_kv_budget_bytes == start * block_bytes
+
+
+def test_a_request_beyond_the_unexpanded_capacity_is_served_exactly(tiny_model) -> None:
+    """The longest request needs 26 blocks per layer and the device budget holds 20 without swapping. Adaptive
+    expansion accepts it (C(2) = 6 * 20 / 4 = 30) and grows before the scheduler could end it early; the outputs
+    still equal expansion off with room for all. Expansion off, or a host limit that allows only m = 1
+    (C(1) = 24), rejects it up front with the capacity in the message."""
+    path = tiny_model("llama", layers=LAYERS)
+    ref = reference(path)
+    engine = make_engine(path, num_device_blocks=20, expansion="adaptive")
+    seen: list[int] = []
+    out = run(engine, on_step=lambda e, i: seen.append(e.runner.kv_cache.layers_on_host))
+    assert out == ref
+    assert seen[0] >= 2, seen  # grown before the first step
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    longest = prompts()[PROMPT_LENS.index(40)]
+    block_bytes = engine.runner.kv_cache.block_bytes
+    for cfg, reach in (({"expansion": "off"}, 20),
+                       ({"expansion": "adaptive", "host_memory_limit": str(3 * 24 * block_bytes)}, 24)):
+        other = make_engine(path, num_device_blocks=20, **cfg)
+        with pytest.raises(ValueError, match=f"needs 26 KV blocks .* holds at most {reach}"):
+            other.add_request(None, longest, params)
+        assert not other.has_unfinished_requests()  # nothing was queued
+        other.pie.close()
