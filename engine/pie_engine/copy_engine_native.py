@@ -24,7 +24,7 @@ from pie_engine.copy_worker_lib import load, native_available
 _DIR = {"in": 0, "out": 1}
 POLL_S = float(os.environ.get("PIE_CW_POLL_S", "0.002"))
 NAP_S = float(os.environ.get("PIE_CW_NAP_S", "0.00002"))
-_DONE_ALL = (2**64 - 1, 2**64 - 1)  # counters after close: every job has completed
+_DONE_ALL = (2**64 - 1,) * 3  # counters after close: every job has completed, every fence passed
 
 
 class _Shared:
@@ -32,7 +32,7 @@ class _Shared:
 
     def __init__(self, nogil: ctypes.CDLL, cw: int) -> None:
         self.nogil, self.cw = nogil, cw
-        self.counters: ctypes.Array | tuple[int, ...] = (ctypes.c_uint64 * 2).from_address(
+        self.counters: ctypes.Array | tuple[int, ...] = (ctypes.c_uint64 * 3).from_address(
             nogil.pie_cw_counters(cw))
 
 
@@ -57,27 +57,30 @@ class _Done:
 
 
 class NativeCopyHandle(CopyHandle):
-    """A job of the C worker. Keeps the tensors it reads and writes alive until it is seen complete."""
+    """A job of the C worker. Keeps the tensors it reads and writes alive until it is seen complete. Its result
+    ([ns, error], written by the worker before it counts the job done) is ``result[off:off + 2]``: a buffer of its
+    own, or a slice of a whole step's (``submit_step``)."""
 
-    def __init__(self, kind: str, layer: int, slot: int, nbytes: int, sh: _Shared, keep: tuple,
-                 pre: tuple[CopyHandle, ...] = ()) -> None:
+    def __init__(self, kind: str, layer: int, slot: int, nbytes: int, sh: _Shared, keep: tuple | None,
+                 pre: tuple[CopyHandle, ...] = (), result: ctypes.Array | None = None, off: int = 0) -> None:
         # NOTE: no super().__init__(): a threading.Event per job costs microseconds and ``done`` is _Done here.
         self.kind, self.layer, self.slot, self.nbytes = kind, layer, slot, nbytes
         self.start_ev = self.end_ev = self.device_ev = None
-        self.result = (ctypes.c_int64 * 2)()  # [ns, error], written by the worker before it counts the job done
+        self.result = (ctypes.c_int64 * 2)() if result is None else result
+        self.off = off
         self.keep: tuple | None = keep
         self.pre = pre
         self.done: _Done = _Done(sh, 0, 0)  # set by the engine once the job has its sequence number
 
     @property
     def seconds(self) -> float | None:  # type: ignore[override]
-        return self.result[0] * 1e-9 if self.done.is_set() else None
+        return self.result[self.off] * 1e-9 if self.done.is_set() else None
 
     @property
     def error(self) -> BaseException | None:  # type: ignore[override]
         if not self.done.is_set():
             return None
-        if self.result[1]:
+        if self.result[self.off + 1]:
             return IndexError(f"a row index of this write-back is outside the KV tensors (layer {self.layer})")
         return next((p.error for p in self.pre if p is not None and p.error is not None), None)  # a prerequisite
 
@@ -86,6 +89,34 @@ class NativeCopyHandle(CopyHandle):
         self.keep = None  # the worker is done with the memory
         if (err := self.error) is not None:
             raise RuntimeError(f"KV {self.kind} copy of layer {self.layer} failed") from err
+
+
+class NativeStepProgram:
+    """One rotation phase's copies as the C worker's entry table, built once per cache layout (``step_program``).
+
+    Entry i, in forward order: write back the step's rows from ``slots[i]`` into ``host_wb[i]``, then, if
+    ``host_in[i]`` is not None, refill ``slots[i]`` from it (blocks [0, nb)). Holds the tensors, so the pointers
+    stay valid as long as the program lives.
+    """
+
+    def __init__(self, slots: list[torch.Tensor], host_wb: list[torch.Tensor],
+                 host_in: list[torch.Tensor | None]) -> None:
+        self.n = len(slots)
+        self.keep = (*slots, *host_wb, *(h for h in host_in if h is not None))
+        self.has_target = [h is not None for h in host_in]
+        rows: list[int] = []
+        self.span_limit = 2**62  # blocks every swap-in may copy (the smallest tensor involved)
+        for slot, wb, src in zip(slots, host_wb, host_in, strict=True):
+            dp, sp, self.block_bytes, dplane, splane = _pair(wb, slot)
+            self.row_bytes = self.block_bytes // slot.shape[2]
+            rows += [dp, sp, dp + dplane, sp + splane, min(dplane, splane) // self.row_bytes]
+            if src is None:
+                rows += [0] * 5
+                continue
+            dp, sp, _, dplane, splane = _pair(slot, src)
+            self.span_limit = min(self.span_limit, min(dplane, splane) // self.block_bytes)
+            rows += [dp, sp, dp + dplane, sp + splane, 1]
+        self.entries = (ctypes.c_int64 * len(rows))(*rows)
 
 
 def _pair(dst: torch.Tensor, src: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -125,6 +156,7 @@ class NativeCopyEngine(HostTimedCopyEngine):
         self._sh = _Shared(nogil, cw)
         self._finalize = weakref.finalize(self, nogil.pie_cw_destroy, cw)  # drains and joins even if not closed
         self._outstanding: tuple[deque[NativeCopyHandle], deque[NativeCopyHandle]] = (deque(), deque())
+        self._fences_made = self._fences_passed = 0  # compute fences (``submit_step``, ``advance``)
 
     def _pre(self, w: CopyHandle | None) -> tuple[int, int]:
         """A prerequisite as (direction, seq); (0, 0) when there is nothing to wait for."""
@@ -170,6 +202,58 @@ class NativeCopyEngine(HostTimedCopyEngine):
         self._unaccounted.append(h)  # write-backs are accounted in the step that issued them
         return self._queued(h, 1, seq)
 
+    # ------------------------------------------------------------------------------------- whole-step programs
+    def step_program(self, slots: list[torch.Tensor], host_wb: list[torch.Tensor],
+                     host_in: list[torch.Tensor | None]) -> NativeStepProgram:
+        """A reusable step program (see ``NativeStepProgram``); rebuild it whenever a tensor in it changes."""
+        return NativeStepProgram(slots, host_wb, host_in)
+
+    def submit_step(self, prog: NativeStepProgram, nb: int, slots_cpu: torch.Tensor, layers: list[int],
+                    slot_ids: list[int]) -> tuple[int, list[NativeCopyHandle], list[NativeCopyHandle | None]]:
+        """Queue a whole step's copies in one call, before the step runs: write-back i waits for compute fence
+        ``base + i + 1`` (``advance``), swap-in i for write-back i. Returns (base, write-backs, swap-ins)."""
+        if not 0 <= nb <= prog.span_limit:
+            raise ValueError(f"NativeCopyEngine: {nb} blocks exceed the program's tensors ({prog.span_limit})")
+        if slots_cpu.dtype != torch.int64 or not slots_cpu.is_cpu or not slots_cpu.is_contiguous():
+            raise ValueError("NativeCopyEngine: slots_cpu must be a contiguous int64 CPU tensor")
+        n, rows, span = prog.n, slots_cpu.numel(), nb * prog.block_bytes
+        wb_bytes, in_bytes = 2 * rows * prog.row_bytes, 2 * span
+        base = self._fences_made
+        result, seqs = (ctypes.c_int64 * (4 * n))(), (ctypes.c_uint64 * 2)()
+        if not self._gil.pie_cw_submit_step(self._sh.cw, prog.entries, n, prog.row_bytes, span,
+                                            slots_cpu.data_ptr(), rows, base,
+                                            self._min_ns(self.link_out, wb_bytes),
+                                            self._min_ns(self.link_in, in_bytes), result, seqs):
+            raise MemoryError("NativeCopyEngine: could not allocate a step's copy jobs")
+        self._fences_made += n
+        sh, keep = self._sh, prog.keep
+        out_seq, in_seq = seqs[0], seqs[1]
+        wbs: list[NativeCopyHandle] = []
+        ins: list[NativeCopyHandle | None] = []
+        for i in range(n):
+            wb = NativeCopyHandle("out", layers[i], slot_ids[i], wb_bytes, sh, keep, (), result, 4 * i)
+            wbs.append(self._track(wb, 1, out_seq + i))
+            if not prog.has_target[i]:
+                ins.append(None)
+                continue
+            h = NativeCopyHandle("in", layers[i], slot_ids[i], in_bytes, sh, keep, (wb,), result, 4 * i + 2)
+            ins.append(self._track(h, 0, in_seq))
+            in_seq += 1
+        self._stats.swap_out_bytes += n * wb_bytes
+        self._stats.swap_in_bytes += (in_seq - seqs[1]) * in_bytes
+        self._unaccounted.extend(wbs)  # write-backs are accounted in the step that issued them
+        return base, wbs, ins
+
+    def advance(self, fence: int) -> None:
+        """The compute thread passed fence ``fence`` (and every earlier one): its write-back may start."""
+        if fence > self._fences_passed and self._finalize.alive:
+            self._fences_passed = fence
+            self._gil.pie_cw_advance(self._sh.cw, fence)
+
+    def release_fences(self) -> None:
+        """Pass every fence made so far (a step that ended early, or closing): nothing queued may wait forever."""
+        self.advance(self._fences_made)
+
     @staticmethod
     def _min_ns(link: LinkModel | None, nbytes: int) -> int:
         return int(link.seconds(nbytes) * 1e9) if link is not None else 0
@@ -177,6 +261,9 @@ class NativeCopyEngine(HostTimedCopyEngine):
     def _queued(self, h: NativeCopyHandle, d: int, seq: int) -> NativeCopyHandle:
         if not seq:
             raise MemoryError("NativeCopyEngine: could not allocate a copy job")
+        return self._track(h, d, seq)
+
+    def _track(self, h: NativeCopyHandle, d: int, seq: int) -> NativeCopyHandle:
         h.done = _Done(self._sh, d, seq)
         q = self._outstanding[d]
         done = self._sh.counters[d]
@@ -190,6 +277,9 @@ class NativeCopyEngine(HostTimedCopyEngine):
         return self._sh.nogil.pie_cw_copy_ns(self._sh.cw, _DIR[direction]) * 1e-9 if self._finalize.alive else 0.0
 
     def synchronize(self) -> None:
+        if self._fences_passed < self._fences_made:
+            raise RuntimeError("synchronize() would wait forever: a queued write-back waits for a compute fence "
+                               "not yet passed (advance or release_fences first)")
         for q in self._outstanding:
             while q:
                 q[0].wait_host()  # raises a failed copy, as ThreadCopyEngine's does
@@ -197,6 +287,7 @@ class NativeCopyEngine(HostTimedCopyEngine):
 
     def close(self) -> None:
         if self._finalize.alive:
+            self.release_fences()  # NOTE: or the drain in destroy would wait forever
             self._finalize()  # drains both queues, then joins the workers
             self._sh.counters = _DONE_ALL  # the C memory is gone; every job has completed
             for q in self._outstanding:

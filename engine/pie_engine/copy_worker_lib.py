@@ -52,6 +52,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     sigs: dict[str, tuple[list, type | None]] = {
         "pie_cw_create": ([u64, u64], p), "pie_cw_submit_span": ([p, i, p, p, sz, p, p, sz, *pre], u64),
         "pie_cw_submit_rows": ([p, i, p, p, p, p, sz, p, sz, u64, *pre], u64), "pie_cw_wait": ([p, i, u64], None),
+        "pie_cw_submit_step": ([p, p, sz, sz, sz, p, sz, u64, u64, u64, p, p], i), "pie_cw_advance": ([p, u64], None),
         "pie_cw_counters": ([p], p), "pie_cw_copy_ns": ([p, i], u64), "pie_cw_destroy": ([p], None)}
     for name, (args, res) in sigs.items():
         fn = getattr(lib, name)

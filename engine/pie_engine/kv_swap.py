@@ -6,8 +6,11 @@ One device pool tensor (the device KV budget) is carved into ``S = n - m`` layer
 - ``begin_step``: the first k host-backed layers get their swap-in (or a top-up, if it was prefetched at the end
   of the previous step and this step uses more blocks);
 - ``begin_layer(l)``: a host-backed layer waits for its swap-in (the stall);
-- ``end_layer(l)``: a host-backed layer writes back only the slots this step wrote (``slot_mapping``), then its
-  slot is refilled with host-backed layer j + k (mod H: the first ones of the next step), after that write-back.
+- after host-backed layer l: its slot writes back only the rows this step wrote (``slot_mapping``), then is refilled
+  with host-backed layer j + k (mod H: the first ones of the next step), after that write-back.
+The access order is fixed, so on the C copy engine ``begin_step`` queues all of that in one call, each write-back
+behind a compute fence that ``end_layer(l)`` passes: per layer the compute thread then pays one short call instead
+of two submissions from Python (docs/pie.md, "Benchmarks"). Other engines issue them in ``end_layer``.
 Swap-ins copy only the block prefix ``[0, num_blocks_in_use)``: the block manager hands out the lowest ids first.
 """
 
@@ -70,7 +73,12 @@ class LayerSwapKVCache(KVCache):
         self.host_kv_capacity_bytes = 0
         self._last_wb: dict[int, CopyHandle] = {}  # layer -> its latest write-back
         self._slot_wb: dict[int, CopyHandle] = {}  # staging slot -> latest write-back out of it
-        self._pending: dict[int, tuple[CopyHandle, int]] = {}  # layer -> (swap-in, blocks it covers)
+        self._pending: dict[int, tuple[CopyHandle, int]] = {}  # layer -> (swap-in, blocks it covers) this step
+        self._prefetched: dict[int, tuple[CopyHandle, int]] = {}  # the same, issued for the next step
+        # Whole-step programs (engines with ``submit_step``): per rotation phase, rebuilt when a tensor changes.
+        self._whole_step = hasattr(self.engine, "submit_step")
+        self._programs: dict[int, tuple] = {}
+        self._fence_of: dict[int, int] = {}  # host-backed layer -> the compute fence its end_layer passes
         self._in_step, self._next_layer = False, 0
         self._phase = 0  # rotation phase of the current step (SwapSchedule.slot)
         self._slot_of: list[int] = []  # per layer: its slot this step
@@ -99,6 +107,7 @@ class LayerSwapKVCache(KVCache):
     def _layout(self, m: int) -> None:
         self.schedule: SwapSchedule = self.geometry.schedule(m)
         self.num_blocks = self.geometry.capacity_blocks(m)
+        self._programs = {}  # NOTE: they point into the old slot views
         slot_elems = self.num_blocks * self._block_elems
         shape = (2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self._views = [self.pool[i * slot_elems:(i + 1) * slot_elems].view(shape)
@@ -110,7 +119,7 @@ class LayerSwapKVCache(KVCache):
                            pin_memory=self.pin_memory and pinned)
 
     def _set_host(self, host: dict[int, torch.Tensor], cap: int) -> None:
-        self._host, self._host_cap = host, cap
+        self._host, self._host_cap, self._programs = host, cap, {}  # NOTE: programs point into the old tensors
         # Kept as a number so a metrics scrape on another thread never iterates a dict being replaced.
         self.host_kv_capacity_bytes = len(host) * cap * self.block_bytes
 
@@ -149,6 +158,8 @@ class LayerSwapKVCache(KVCache):
             self.trace.step += 1
         if self.layers_on_host > 0:
             self._issue_first_swap_ins(nb)
+            if self._whole_step:
+                self._submit_step(nb)
         self.engine.mark()
 
     def _issue_first_swap_ins(self, nb: int) -> None:
@@ -163,6 +174,24 @@ class LayerSwapKVCache(KVCache):
                 # Prefetched at the end of the last step with fewer blocks: top up the new ones. Same FIFO
                 # queue/stream as the prefetch, so this handle completes after it.
                 self._pending[layer] = (self._swap_in(layer, slot, pending[1], nb, None, None), nb)
+
+    def _submit_step(self, nb: int) -> None:
+        """Queue this step's write-backs and refills at once (what ``end_layer`` would issue one by one)."""
+        if (cached := self._programs.get(self._phase)) is None:
+            hb = self.schedule.host_backed
+            slots = [self._slot_of[layer] for layer in hb]
+            nxt = [self.schedule.next_swap_in(layer) for layer in hb]
+            targets = [None if t is None or (t[1] and not self.prefetch_next_step) else t for t in nxt]
+            prog = self.engine.step_program([self._views[s] for s in slots], [self._host[layer] for layer in hb],
+                                            [None if t is None else self._host[t[0]] for t in targets])
+            cached = self._programs[self._phase] = (prog, list(hb), slots, targets)
+        prog, layers, slots, targets = cached
+        base, wbs, ins = self.engine.submit_step(prog, nb, self._slots_cpu, layers, slots)
+        for i, layer in enumerate(layers):
+            self._fence_of[layer] = base + i + 1
+            self._last_wb[layer] = self._slot_wb[slots[i]] = wbs[i]
+            if (t := targets[i]) is not None:
+                (self._prefetched if t[1] else self._pending)[t[0]] = (ins[i], nb)
 
     def _blocks_in_use(self, plan: StepPlan) -> int:
         needed = max((max(s.seq.block_table) + 1 for s in plan.scheduled if s.seq.block_table), default=0)
@@ -199,6 +228,9 @@ class LayerSwapKVCache(KVCache):
         slot = self._slot_of[layer]
         if self.trace is not None:
             self.trace.record("compute_end", layer, slot)
+        if (fence := self._fence_of.pop(layer, None)) is not None:
+            self.engine.advance(fence)  # its copies were queued in begin_step
+            return
         nxt = self.schedule.next_swap_in(layer)
         if nxt is None:
             return
@@ -210,7 +242,8 @@ class LayerSwapKVCache(KVCache):
             return
         # NOTE: a wrapped prefetch guesses the next step needs this step's prefix; begin_step tops it up if not.
         # The rotation continues into the next step, so the target lands in this same slot there.
-        self._pending[target] = (self._swap_in(target, slot, 0, self._nb, wb, self._last_wb.get(target)), self._nb)
+        h = self._swap_in(target, slot, 0, self._nb, wb, self._last_wb.get(target))
+        (self._prefetched if wraps else self._pending)[target] = (h, self._nb)
 
     def end_step(self) -> None:
         if not self._in_step:
@@ -219,9 +252,12 @@ class LayerSwapKVCache(KVCache):
         complete = self._next_layer == self.num_layers
         if complete:
             self._phase = self.schedule.next_phase(self._phase)
+            self._pending, self._prefetched = self._prefetched, {}
         else:  # the forward pass failed midway: settle, forget prefetches (host copies hold what was written)
+            self._release_fences()
             self.engine.synchronize()
             self._pending.clear()
+            self._prefetched.clear()
             self._phase = 0  # nothing in flight any more: any slot assignment is safe
         self._in_step = False
         stats = self.engine.end_step()
@@ -234,6 +270,13 @@ class LayerSwapKVCache(KVCache):
         p = stats.periods
         excess = self.schedule.excess_seconds(p[2:]) if complete and len(p) == self.num_layers + 2 else None
         self.last_step_excess_seconds = None if excess is None else excess + p[0]
+
+    def _release_fences(self) -> None:
+        """Pass the fences of layers that never ran, so their queued copies can finish: they move only rows of
+        this step's new tokens (nothing reads those before a step writes them again) and prefetches."""
+        if self._fence_of:
+            self._fence_of.clear()
+            self.engine.release_fences()
 
     def _swap_in(self, layer: int, slot: int, lo: int, hi: int, slot_free: CopyHandle | None,
                  host_ready: CopyHandle | None) -> CopyHandle:
@@ -275,6 +318,7 @@ class LayerSwapKVCache(KVCache):
     def close(self) -> None:
         """Settle copies and stop the copy engine's threads (also after a failed copy)."""
         try:
+            self._release_fences()  # closed mid-step: the queued copies must still finish
             self.engine.synchronize()
         finally:
             self.engine.close()

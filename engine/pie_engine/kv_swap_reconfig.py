@@ -44,6 +44,7 @@ def relayout(cache: LayerSwapKVCache, geometry: SwapGeometry, m: int, keep_block
     keep = min(c_old, c_new, c_new if keep_blocks is None else keep_blocks)
     cache.engine.synchronize()
     cache._pending.clear()
+    cache._prefetched.clear()
     cache._last_wb.clear()
     cache._slot_wb.clear()
     cache._phase = 0

@@ -61,6 +61,46 @@ def test_span_and_row_copies_are_exact(engines) -> None:
     assert stats.swap_in_bytes == h.nbytes and stats.swap_out_bytes == wb.nbytes and stats.copy_seconds > 0
 
 
+def test_whole_step_program_waits_for_each_fence(engines) -> None:
+    """submit_step: write-back i starts only once fence base + i + 1 is passed, and the swap-in behind it only
+    after that write-back; both copy exactly. A fence left unpassed makes synchronize refuse instead of hang,
+    and release_fences lets everything finish."""
+    eng = engines()
+    slots = [kv(4), kv(4)]
+    host_wb = [kv(4, "zeros"), kv(4, "zeros")]
+    host_in = [kv(6), None]  # entry 1 has no refill (a wrapped prefetch that is switched off)
+    refill_src = host_in[0].clone()
+    prog = eng.step_program(slots, host_wb, host_in)
+    rows = torch.tensor([1, 6, 9])
+    before = [s.clone() for s in slots]
+    base, wbs, ins = eng.submit_step(prog, 3, rows, [0, 1], [0, 1])
+    assert ins[1] is None and ins[0] is not None and len(wbs) == 2
+    time.sleep(0.01)
+    assert not any(w.done.is_set() for w in wbs) and not ins[0].done.is_set()  # every write-back waits
+    with pytest.raises(RuntimeError, match="compute fence"):
+        eng.synchronize()
+    eng.advance(base + 1)
+    eng.wait(ins[0])
+    assert wbs[0].done.is_set() and not wbs[1].done.is_set()  # only the first fence was passed
+    want = torch.zeros_like(host_wb[0])
+    kv_flat(want).index_copy_(1, rows, kv_flat(before[0]).index_select(1, rows))
+    assert torch.equal(host_wb[0], want)  # written back before the refill overwrote the slot
+    assert torch.equal(slots[0][:, :3], refill_src[:, :3]) and torch.equal(slots[0][:, 3:], before[0][:, 3:])
+    eng.release_fences()
+    eng.synchronize()
+    kv_flat(want).zero_()
+    kv_flat(want).index_copy_(1, rows, kv_flat(before[1]).index_select(1, rows))
+    assert torch.equal(host_wb[1], want)
+    stats = eng.end_step()
+    assert stats.swap_out_bytes == sum(w.nbytes for w in wbs) and stats.swap_in_bytes == ins[0].nbytes
+    with pytest.raises(ValueError, match="exceed"):
+        eng.submit_step(prog, 5, rows, [0, 1], [0, 1])  # the slots hold 4 blocks
+    bad = eng.submit_step(prog, 1, torch.tensor([99]), [0, 1], [0, 1])[1]
+    eng.release_fences()
+    with pytest.raises(RuntimeError, match="copy of layer 0 failed"):
+        bad[0].wait_host()
+
+
 def test_swap_in_waits_for_a_throttled_write_back(engines) -> None:
     """host_ready on the other direction: the swap-in cannot complete before the slow write-back did, and reads
     the rows it wrote."""

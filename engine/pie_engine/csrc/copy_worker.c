@@ -7,7 +7,9 @@
  * Two workers, one per direction (0 = "in": host copy -> slot, 1 = "out": slot rows -> host copy), each a FIFO, so
  * completion within a direction is in submission order and a per-direction `completed` counter says exactly which
  * jobs finished: job `seq` (1-based) of direction d is done iff completed[d] >= seq. Prerequisites are such
- * (direction, seq) pairs and may name the other direction. One mutex guards both queues; copies run unlocked.
+ * (direction, seq) pairs and may name the other direction, or FENCE: a third counter that the compute thread
+ * advances (pie_cw_advance) as layers finish, so a whole step's copies can be queued before the step runs
+ * (pie_cw_submit_step). One mutex guards both queues; copies run unlocked.
  */
 #include <pthread.h>
 #include <sched.h>
@@ -17,6 +19,7 @@
 #include <time.h>
 
 enum { SPAN = 0, ROWS = 1 };
+enum { IN = 0, OUT = 1, FENCE = 2 }; /* counters: completed[IN], completed[OUT], fences passed */
 
 typedef struct job {
     struct job *next;
@@ -39,7 +42,7 @@ typedef struct {
     pthread_cond_t done;     /* pie_cw_wait callers */
     job *head[2], *tail[2];
     uint64_t submitted[2];
-    volatile uint64_t completed[2]; /* read lock-free by Python (aligned 64-bit loads); written under mu */
+    volatile uint64_t completed[3]; /* [IN, OUT, FENCE]; read lock-free by Python (aligned 64-bit loads); written under mu */
     uint64_t copy_ns[2];
     int stop;
     int blocked[2];           /* worker d is parked on a prerequisite (not merely idle) */
@@ -183,8 +186,8 @@ static job *new_job(int kind, int pd0, uint64_t ps0, int pd1, uint64_t ps1, uint
     job *j = calloc(1, sizeof *j);
     if (!j) return NULL;
     j->kind = kind;
-    j->pre_dir[0] = pd0 & 1; j->pre_seq[0] = ps0;
-    j->pre_dir[1] = pd1 & 1; j->pre_seq[1] = ps1;
+    j->pre_dir[0] = pd0 == FENCE ? FENCE : pd0 & 1; j->pre_seq[0] = ps0;
+    j->pre_dir[1] = pd1 == FENCE ? FENCE : pd1 & 1; j->pre_seq[1] = ps1;
     j->min_ns = min_ns;
     j->result = result;
     return j;
@@ -215,6 +218,75 @@ uint64_t pie_cw_submit_rows(pie_cw *cw, int d, void *dst_k, const void *src_k, v
     return enqueue(cw, d & 1, j);
 }
 
+/* One step's copies in one call. Entry i (10 int64s: write-back host K, slot K, host V, slot V, rows per plane;
+ * swap-in slot K, host K, slot V, host V, has_target) is a write-back of rows idx[0..nidx) gated on fence
+ * fence_base + i + 1, then, if has_target, a swap-in of span_bytes per plane into the same slot, gated on that
+ * write-back. NOTE: the out queue completes in order, so that one prerequisite also covers every earlier
+ * write-back, including the target layer's last one (its host copy is current). All or nothing: returns 0 if out
+ * of memory (nothing queued), else 1, with the first out and in sequence numbers in seqs[0..2). Job results go to
+ * results[4i..4i+2) (write-back) and results[4i+2..4i+4) (swap-in). */
+int pie_cw_submit_step(pie_cw *cw, const int64_t *e, size_t n, size_t row_bytes, size_t span_bytes,
+                       const int64_t *idx, size_t nidx, uint64_t fence_base, uint64_t min_ns_out,
+                       uint64_t min_ns_in, int64_t *results, uint64_t *seqs) {
+    job **jobs = calloc(2 * n + 1, sizeof *jobs);
+    if (!jobs) return 0;
+    int ok = 1;
+    for (size_t i = 0; i < n && ok; i++) {
+        const int64_t *x = e + 10 * i;
+        job *w = new_job(ROWS, FENCE, fence_base + i + 1, 0, 0, min_ns_out, results + 4 * i);
+        if (w) w->idx = malloc(nidx ? nidx * sizeof *idx : 1);
+        if (!w || !w->idx) { if (w) free(w); ok = 0; break; }
+        if (nidx) memcpy(w->idx, idx, nidx * sizeof *idx);
+        w->dst[0] = (char *)x[0]; w->src[0] = (const char *)x[1];
+        w->dst[1] = (char *)x[2]; w->src[1] = (const char *)x[3];
+        w->row_bytes = row_bytes; w->n = nidx; w->limit = (uint64_t)x[4];
+        jobs[2 * i] = w;
+        if (x[9]) {
+            job *r = new_job(SPAN, 0, 0, 0, 0, min_ns_in, results + 4 * i + 2);
+            if (!r) { ok = 0; break; }
+            r->dst[0] = (char *)x[5]; r->src[0] = (const char *)x[6]; r->nbytes[0] = span_bytes;
+            r->dst[1] = (char *)x[7]; r->src[1] = (const char *)x[8]; r->nbytes[1] = span_bytes;
+            jobs[2 * i + 1] = r;
+        }
+    }
+    if (!ok) {
+        for (size_t i = 0; i < 2 * n; i++)
+            if (jobs[i]) { free(jobs[i]->idx); free(jobs[i]); }
+        free(jobs);
+        return 0;
+    }
+    pthread_mutex_lock(&cw->mu);
+    seqs[0] = cw->submitted[OUT] + 1;
+    seqs[1] = cw->submitted[IN] + 1;
+    for (size_t i = 0; i < n; i++) {
+        job *w = jobs[2 * i], *r = jobs[2 * i + 1];
+        if (cw->tail[OUT]) cw->tail[OUT]->next = w; else cw->head[OUT] = w;
+        cw->tail[OUT] = w;
+        uint64_t wseq = ++cw->submitted[OUT];
+        if (r) {
+            r->pre_dir[0] = OUT; r->pre_seq[0] = wseq;
+            if (cw->tail[IN]) cw->tail[IN]->next = r; else cw->head[IN] = r;
+            cw->tail[IN] = r;
+            ++cw->submitted[IN];
+        }
+    }
+    pthread_cond_signal(&cw->work[OUT]);
+    pthread_cond_signal(&cw->work[IN]);
+    pthread_mutex_unlock(&cw->mu);
+    free(jobs);
+    return 1;
+}
+
+/* The compute thread passed fence `value` (and every fence before it): jobs gated on them may start. NOTE: the
+ * mutex orders the compute thread's writes to the KV before a worker's reads of it, also on weakly ordered CPUs. */
+void pie_cw_advance(pie_cw *cw, uint64_t value) {
+    pthread_mutex_lock(&cw->mu);
+    if (value > cw->completed[FENCE]) cw->completed[FENCE] = value;
+    for (int d = 0; d < 2; d++)
+        if (cw->blocked[d]) pthread_cond_signal(&cw->work[d]);
+    pthread_mutex_unlock(&cw->mu);
+}
+
 /* Blocks until direction d completed `seq` jobs (called through ctypes.CDLL, so without the GIL). */
 void pie_cw_wait(pie_cw *cw, int d, uint64_t seq) {
     pthread_mutex_lock(&cw->mu);
@@ -222,7 +294,7 @@ void pie_cw_wait(pie_cw *cw, int d, uint64_t seq) {
     pthread_mutex_unlock(&cw->mu);
 }
 
-/* Address of completed[0..2): Python polls it without a call. */
+/* Address of completed[0..3): Python polls it without a call. */
 volatile uint64_t *pie_cw_counters(pie_cw *cw) { return cw->completed; }
 
 uint64_t pie_cw_completed(pie_cw *cw, int d) { return cw->completed[d & 1]; }
