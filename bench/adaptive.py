@@ -11,15 +11,10 @@ sweep's best static m (run swap_sweep.py first; run_all.py does); without it tha
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import RESULTS  # noqa: E402
-from bench.pie_common import (  # noqa: E402
+from bench.common import RESULTS
+from bench.pie_common import (
     PIE_MODEL_KW,
     best_of,
     cli,
@@ -29,8 +24,8 @@ from bench.pie_common import (  # noqa: E402
     setup_threads,
     summary,
 )
-from bench.pie_common import workload_kv_bytes as kv_bytes  # noqa: E402
-from bench.swap_sweep import QUICK, WORKLOAD, ratio_for  # noqa: E402
+from bench.pie_common import workload_kv_bytes as kv_bytes
+from bench.swap_sweep import QUICK, WORKLOAD, ratio_for
 
 # A latency budget above this CPU's contention floor (swap_sweep measures ~10% overhead at small m here, where the
 # copy threads share two vCPUs with compute and other jobs): shows the controller's mechanism where epsilon = 5%

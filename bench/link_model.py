@@ -19,12 +19,8 @@ device budget at m = 0, so every m runs the identical schedule and the overhead 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.pie_common import (  # noqa: E402
+from bench.pie_common import (
     PIE_MODEL_KW,
     RunResult,
     best_of,
@@ -35,7 +31,7 @@ from bench.pie_common import (  # noqa: E402
     setup_threads,
     workload_kv_bytes,
 )
-from bench.swap_sweep import ratio_for  # noqa: E402
+from bench.swap_sweep import ratio_for
 
 # name: (link bytes/s per direction, HBM bytes/s, dense bf16 FLOP/s). None: unthrottled CPU memcpy.
 SYSTEMS: dict[str, tuple[float, float, float] | None] = {

@@ -4,23 +4,19 @@ Two workloads on the same checkpoint, in the same run: a uniform batch (every re
 lengths (where static batching pads prompts and keeps finished rows generating). Output: JSON with tokens/s and the
 ratio, and a PNG, under bench/results/.
 
-    PYTHONPATH=engine python bench/offline_throughput.py [--quick]
+    PYTHONPATH=engine:. python bench/offline_throughput.py [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     RESULTS,
     Request,
     bar_plot,

@@ -2,7 +2,7 @@
 vs HF transformers generate() serving the same arrivals in static batches (in arrival order, up to a batch size,
 a batch starting when the previous one is done). Reports TTFT / TPOT / ITL p50/p99, JSON + PNG in bench/results/.
 
-    PYTHONPATH=engine python bench/online_serving.py [--rate 4] [--n 48] [--quick]
+    PYTHONPATH=engine:. python bench/online_serving.py [--rate 4] [--n 48] [--quick]
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     RESULTS,
     ROOT,
     Request,

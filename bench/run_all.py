@@ -1,21 +1,17 @@
 """Run every benchmark (offline throughput, online serving, Pie: swap sweep, adaptive, link model) and write
 bench/results/summary.json. The Pie benchmarks run last: they pin torch to one compute thread (bench/pie_common.py).
 
-    PYTHONPATH=engine python bench/run_all.py [--quick]
+    PYTHONPATH=engine:. python bench/run_all.py [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import adaptive, link_model, offline_throughput, online_serving, swap_sweep  # noqa: E402
-from bench.common import RESULTS, save  # noqa: E402
+from bench import adaptive, link_model, offline_throughput, online_serving, swap_sweep
+from bench.common import RESULTS, save
 
 
 def render_markdown(summary: dict[str, object]) -> str:

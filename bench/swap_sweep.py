@@ -11,14 +11,8 @@ give the method's floor. Outputs must be identical everywhere.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import RESULTS  # noqa: E402
-from bench.pie_common import (  # noqa: E402
+from bench.common import RESULTS
+from bench.pie_common import (
     PIE_MODEL_KW,
     best_of,
     cli,

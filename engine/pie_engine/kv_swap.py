@@ -180,8 +180,7 @@ class LayerSwapKVCache(KVCache):
         if (cached := self._programs.get(self._phase)) is None:
             hb = self.schedule.host_backed
             slots = [self._slot_of[layer] for layer in hb]
-            nxt = [self.schedule.next_swap_in(layer) for layer in hb]
-            targets = [None if t is None or (t[1] and not self.prefetch_next_step) else t for t in nxt]
+            targets = [self._refill_target(layer) for layer in hb]
             prog = self.engine.step_program([self._views[s] for s in slots], [self._host[layer] for layer in hb],
                                             [None if t is None else self._host[t[0]] for t in targets])
             cached = self._programs[self._phase] = (prog, list(hb), slots, targets)
@@ -191,7 +190,17 @@ class LayerSwapKVCache(KVCache):
             self._fence_of[layer] = base + i + 1
             self._last_wb[layer] = self._slot_wb[slots[i]] = wbs[i]
             if (t := targets[i]) is not None:
-                (self._prefetched if t[1] else self._pending)[t[0]] = (ins[i], nb)
+                self._expect(t, ins[i], nb)
+
+    def _refill_target(self, host_backed_layer: int) -> tuple[int, bool] | None:
+        """(layer that refills its slot after its write-back, whether for the next step); None when that would be
+        a next-step prefetch and those are switched off."""
+        target, wraps = self.schedule.next_swap_in(host_backed_layer)  # type: ignore[misc]  # never None here
+        return None if wraps and not self.prefetch_next_step else (target, wraps)
+
+    def _expect(self, target: tuple[int, bool], swap_in: CopyHandle, nb: int) -> None:
+        """Record the swap-in that ``begin_layer`` of ``target`` waits for, this step or the next."""
+        (self._prefetched if target[1] else self._pending)[target[0]] = (swap_in, nb)
 
     def _blocks_in_use(self, plan: StepPlan) -> int:
         needed = max((max(s.seq.block_table) + 1 for s in plan.scheduled if s.seq.block_table), default=0)
@@ -231,19 +240,15 @@ class LayerSwapKVCache(KVCache):
         if (fence := self._fence_of.pop(layer, None)) is not None:
             self.engine.advance(fence)  # its copies were queued in begin_step
             return
-        nxt = self.schedule.next_swap_in(layer)
-        if nxt is None:
+        if not self.schedule.is_host_backed(layer):
             return
         wb = self.engine.write_back(self._views[slot], self._host[layer], self._slots_dev, self._slots_cpu,
                                     layer=layer, slot=slot)
         self._last_wb[layer] = self._slot_wb[slot] = wb
-        target, wraps = nxt
-        if wraps and not self.prefetch_next_step:
-            return
-        # NOTE: a wrapped prefetch guesses the next step needs this step's prefix; begin_step tops it up if not.
-        # The rotation continues into the next step, so the target lands in this same slot there.
-        h = self._swap_in(target, slot, 0, self._nb, wb, self._last_wb.get(target))
-        (self._prefetched if wraps else self._pending)[target] = (h, self._nb)
+        if (t := self._refill_target(layer)) is not None:
+            # NOTE: a next-step prefetch guesses the next step needs this step's prefix; begin_step tops it up if
+            # not. The rotation continues into the next step, so the target lands in this same slot there.
+            self._expect(t, self._swap_in(t[0], slot, 0, self._nb, wb, self._last_wb.get(t[0])), self._nb)
 
     def end_step(self) -> None:
         if not self._in_step:
