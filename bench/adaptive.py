@@ -27,10 +27,10 @@ from bench.pie_common import (
 from bench.pie_common import workload_kv_bytes as kv_bytes
 from bench.swap_sweep import QUICK, WORKLOAD, ratio_for
 
-# A latency budget above this CPU's contention floor (swap_sweep measures ~10% overhead at small m here, where the
-# copy threads share two vCPUs with compute and other jobs): shows the controller's mechanism where epsilon = 5%
-# simply forbids swapping.
-RELAXED = {"expansion_epsilon": 0.25, "expansion_grow_overhead": 0.15}
+# A latency budget above this CPU's floor: on two vCPUs swapping at any m costs ~3-5% (hooks on the compute thread,
+# copy threads sharing the cores: swap_sweep), right at the default epsilon of 5%, where the controller's readings
+# straddle it. 10% shows where it settles when the budget clears that floor.
+RELAXED = {"expansion_epsilon": 0.10, "expansion_grow_overhead": 0.06}
 
 
 def sweep_best(quick: bool) -> dict | None:

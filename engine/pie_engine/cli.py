@@ -93,7 +93,7 @@ def serve(
         None, help="file with the bearer token for admin endpoints (default: $PIE_ADMIN_TOKEN; none: disabled)"),
     swap_staging_slots: int = typer.Option(2, min=1, help="Pie: device slots host-backed layers rotate through"),
     expansion_epsilon: float = typer.Option(0.05, min=0.0, help="adaptive: shrink when latency overhead > this"),
-    expansion_grow_overhead: float = typer.Option(0.02, min=0.0, help="adaptive: grow only while overhead < this"),
+    expansion_grow_overhead: float = typer.Option(0.04, min=0.0, help="adaptive: grow only while overhead < this"),
     expansion_window: int = typer.Option(8, min=1, help="adaptive: iterations of evidence per decision"),
     expansion_cooldown: int = typer.Option(4, min=0, help="adaptive: iterations ignored after a change"),
     log_level: str = typer.Option("info", help="uvicorn / engine log level"),

@@ -55,7 +55,7 @@ class EngineConfig:
     host_memory_limit: str | None = None  # bytes cap on host KV; None: unlimited (bounded by what the model needs)
     swap_staging_slots: int = 2  # k: device slots the host-backed layers rotate through (docs/pie.md)
     expansion_epsilon: float = 0.05  # adaptive: shrink m when the swapping latency overhead exceeds this
-    expansion_grow_overhead: float = 0.02  # adaptive: grow m only while the overhead is below this
+    expansion_grow_overhead: float = 0.04  # adaptive: grow m only while the overhead is below this
     expansion_window: int = 8  # adaptive: iterations of evidence per decision
     expansion_cooldown: int = 4  # adaptive: iterations ignored after a change
     # Benchmarks/tests only: throttle every KV copy to this link (copy_engine.LinkModel), to model PCIe vs NVLink-C2C.

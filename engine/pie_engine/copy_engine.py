@@ -182,6 +182,14 @@ class HostTimedCopyEngine(CopyEngine):
         self._marks.append(self.clock())
 
     def end_step(self) -> StepCopyStats:
+        self._account_copies()
+        marks, self._marks = self._marks, []
+        self._stats.periods = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+        return self._take_stats()
+
+
+    def _account_copies(self) -> None:
+        """Add the durations of finished copies to this step's ``copy_seconds``; keep the others for later."""
         rest = []
         for h in self._unaccounted:
             if (seconds := h.seconds) is not None:
@@ -189,9 +197,6 @@ class HostTimedCopyEngine(CopyEngine):
             elif not h.done.is_set():
                 rest.append(h)
         self._unaccounted = rest
-        marks, self._marks = self._marks, []
-        self._stats.periods = [b - a for a, b in zip(marks, marks[1:], strict=False)]
-        return self._take_stats()
 
 
 def make_copy_engine(device: torch.device, link_in: LinkModel | None = None, link_out: LinkModel | None = None,

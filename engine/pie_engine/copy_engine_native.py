@@ -57,28 +57,41 @@ class _Done:
 
 
 class NativeCopyHandle(CopyHandle):
-    """A job of the C worker. Keeps the tensors it reads and writes alive until it is seen complete. Its result
-    ([ns, error], written by the worker before it counts the job done) is ``result[off:off + 2]``: a buffer of its
-    own, or a slice of a whole step's (``submit_step``)."""
+    """A job of the C worker: job ``_seq`` of direction ``_d``. Keeps the tensors it reads and writes alive until it
+    is seen complete. Its result ([ns, error], written by the worker before it counts the job done) is
+    ``result[off:off + 2]``: a buffer of its own, or a slice of a whole step's (``submit_step``).
+
+    NOTE: the compute thread creates a dozen of these per step, right after a layer's matmuls when its caches are
+    cold, so it sets only what it needs (no threading.Event, no CUDA events) and the hot paths read ``_d``/``_seq``.
+    """
 
     def __init__(self, kind: str, layer: int, slot: int, nbytes: int, sh: _Shared, keep: tuple | None,
                  pre: tuple[CopyHandle, ...] = (), result: ctypes.Array | None = None, off: int = 0) -> None:
-        # NOTE: no super().__init__(): a threading.Event per job costs microseconds and ``done`` is _Done here.
         self.kind, self.layer, self.slot, self.nbytes = kind, layer, slot, nbytes
-        self.start_ev = self.end_ev = self.device_ev = None
         self.result = (ctypes.c_int64 * 2)() if result is None else result
         self.off = off
         self.keep: tuple | None = keep
         self.pre = pre
-        self.done: _Done = _Done(sh, 0, 0)  # set by the engine once the job has its sequence number
+        self._sh, self._d, self._seq = sh, 0, 0  # set by the engine once the job has its sequence number
+
+    @property
+    def done(self) -> _Done:  # type: ignore[override]
+        return _Done(self._sh, self._d, self._seq)
+
+    def is_done(self) -> bool:
+        return self._sh.counters[self._d] >= self._seq
+
+    def failed(self) -> bool:
+        """Done with an error, its own or a prerequisite's (the worker does not propagate them)."""
+        return bool(self.result[self.off + 1]) or any(p.failed() for p in self.pre if isinstance(p, NativeCopyHandle))
 
     @property
     def seconds(self) -> float | None:  # type: ignore[override]
-        return self.result[self.off] * 1e-9 if self.done.is_set() else None
+        return self.result[self.off] * 1e-9 if self.is_done() else None
 
     @property
     def error(self) -> BaseException | None:  # type: ignore[override]
-        if not self.done.is_set():
+        if not self.is_done():
             return None
         if self.result[self.off + 1]:
             return IndexError(f"a row index of this write-back is outside the KV tensors (layer {self.layer})")
@@ -160,12 +173,12 @@ class NativeCopyEngine(HostTimedCopyEngine):
 
     def _pre(self, w: CopyHandle | None) -> tuple[int, int]:
         """A prerequisite as (direction, seq); (0, 0) when there is nothing to wait for."""
-        if w is None or w.done.is_set():
+        if w is None:
             return 0, 0
         if not isinstance(w, NativeCopyHandle):
             w.wait_host()  # another engine's handle: nothing C can wait on, so settle it here
             return 0, 0
-        return w.done._d, w.done._seq
+        return (0, 0) if w.is_done() else (w._d, w._seq)
 
     def swap_in(self, dst: torch.Tensor, src: torch.Tensor, lo: int, hi: int, *, slot_free: CopyHandle | None,
                 host_ready: CopyHandle | None, layer: int, slot: int) -> CopyHandle:
@@ -254,6 +267,30 @@ class NativeCopyEngine(HostTimedCopyEngine):
         """Pass every fence made so far (a step that ended early, or closing): nothing queued may wait forever."""
         self.advance(self._fences_made)
 
+    def wait(self, handle: CopyHandle) -> None:
+        """``HostTimedCopyEngine.wait`` with the counter read inline: it runs once per host-backed layer."""
+        if not isinstance(handle, NativeCopyHandle):
+            return super().wait(handle)
+        if self._sh.counters[handle._d] < handle._seq:
+            t0 = time.perf_counter()
+            self._sh.nogil.pie_cw_wait(self._sh.cw, handle._d, handle._seq)
+            stall = time.perf_counter() - t0
+            self._stats.stall_seconds += stall
+            self.stall_seconds_total += stall
+        if handle.failed():
+            handle.wait_host()  # raises
+        self._unaccounted.append(handle)  # swap-ins are accounted in the step that consumed them
+
+    def _account_copies(self) -> None:
+        counters, rest, copy_ns = self._sh.counters, [], 0
+        for h in self._unaccounted:  # NOTE: a dozen per step: the counter read inline, not through properties
+            if counters[h._d] >= h._seq:
+                copy_ns += h.result[h.off]
+            else:
+                rest.append(h)
+        self._unaccounted = rest
+        self._stats.copy_seconds += copy_ns * 1e-9
+
     @staticmethod
     def _min_ns(link: LinkModel | None, nbytes: int) -> int:
         return int(link.seconds(nbytes) * 1e9) if link is not None else 0
@@ -264,10 +301,10 @@ class NativeCopyEngine(HostTimedCopyEngine):
         return self._track(h, d, seq)
 
     def _track(self, h: NativeCopyHandle, d: int, seq: int) -> NativeCopyHandle:
-        h.done = _Done(self._sh, d, seq)
+        h._d, h._seq = d, seq
         q = self._outstanding[d]
         done = self._sh.counters[d]
-        while q and q[0].done._seq <= done:  # FIFO: release the memory of jobs known complete
+        while q and q[0]._seq <= done:  # FIFO: release the memory of jobs known complete
             q.popleft().keep = None
         q.append(h)
         return h

@@ -60,8 +60,9 @@ class LLMEngine:
     def tokenize(self, prompt: str | Seq[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError (the message is shown to API clients) when a request can never be served."""
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Raise ValueError (the message is shown to API clients) when a request can never be served; else return
+        the KV blocks per layer it needs to run to completion."""
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -76,6 +77,7 @@ class LLMEngine:
         if need > (reach := self.pie.reachable_blocks()):
             raise ValueError(f"the request needs {need} KV blocks ({n} + {params.max_tokens} tokens) but the KV "
                              f"cache holds at most {reach}; lower max_tokens")
+        return need
 
     def add_request(self, request_id: str | None, prompt: str | Seq[int], params: SamplingParams,
                     arrival_time: float | None = None) -> Sequence:
@@ -84,9 +86,8 @@ class LLMEngine:
         ``arrival_time`` (time.monotonic()) defaults to now; the server passes the HTTP arrival time.
         """
         ids = self.tokenize(prompt)
-        self.validate(ids, params)
-        # Adaptive expansion may have to grow first, or the scheduler would find it can never fit.
-        self.pie.require_blocks(self.block_manager.blocks_needed(len(ids) + params.max_tokens))
+        need = self.validate(ids, params)
+        self.pie.require_blocks(need)  # adaptive expansion may have to grow first, or it could never fit
         seq = Sequence(prompt_token_ids=ids, params=params, request_id=request_id or f"req-{next(self._ids)}")
         if arrival_time is not None:
             seq.arrival_time = arrival_time

@@ -80,6 +80,7 @@ class LayerSwapKVCache(KVCache):
         self._programs: dict[int, tuple] = {}
         self._fence_of: dict[int, int] = {}  # host-backed layer -> the compute fence its end_layer passes
         self._in_step, self._next_layer = False, 0
+        self._growth_seconds = 0.0  # spent growing host copies in this step's begin_step (engine clock)
         self._phase = 0  # rotation phase of the current step (SwapSchedule.slot)
         self._slot_of: list[int] = []  # per layer: its slot this step
         self._nb = 0  # blocks in use this step
@@ -108,6 +109,8 @@ class LayerSwapKVCache(KVCache):
         self.schedule: SwapSchedule = self.geometry.schedule(m)
         self.num_blocks = self.geometry.capacity_blocks(m)
         self._programs = {}  # NOTE: they point into the old slot views
+        self._slot_cache: dict[int, list[int]] = {}  # rotation phase -> per layer: its slot
+        self._host_backed = frozenset(self.schedule.host_backed)
         slot_elems = self.num_blocks * self._block_elems
         shape = (2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self._views = [self.pool[i * slot_elems:(i + 1) * slot_elems].view(shape)
@@ -128,11 +131,15 @@ class LayerSwapKVCache(KVCache):
         if nb <= self._host_cap:
             return
         cap = min(self.num_blocks, max(nb, 2 * self._host_cap))
+        clock = getattr(self.engine, "clock", None)
+        t0 = clock() if clock is not None else 0.0
         self.engine.synchronize()  # NOTE: no copy may still read or write the old host tensors
         host = {layer: self._alloc_host(cap) for layer in self.schedule.host_backed}
         for layer, old in self._host.items():
             copy_blocks(host[layer], old, 0, old.shape[1])
         self._set_host(host, cap)
+        if clock is not None:
+            self._growth_seconds += clock() - t0
 
     # ------------------------------------------------------------------------------------------ step hooks
     def begin_step(self, plan: StepPlan, slot_mapping: torch.Tensor,
@@ -153,9 +160,13 @@ class LayerSwapKVCache(KVCache):
         self._slots_cpu, self._slots_dev = cpu, sm if sm.device == self.device else cpu.to(self.device)
         self._nb = nb
         self._in_step, self._next_layer = True, 0
-        self._slot_of = [self.schedule.slot(layer, self._phase) for layer in range(self.num_layers)]
+        if (slot_of := self._slot_cache.get(self._phase)) is None:
+            slot_of = [self.schedule.slot(i, self._phase) for i in range(self.num_layers)]
+            self._slot_cache[self._phase] = slot_of
+        self._slot_of = slot_of
         if self.trace is not None:
             self.trace.step += 1
+        self._growth_seconds = 0.0
         if self.layers_on_host > 0:
             self._issue_first_swap_ins(nb)
             if self._whole_step:
@@ -221,7 +232,7 @@ class LayerSwapKVCache(KVCache):
             raise RuntimeError(f"begin_layer({layer}) out of order (expected layer {self._next_layer} inside a step)")
         self.engine.mark()
         slot = self._slot_of[layer]
-        if self.schedule.is_host_backed(layer):
+        if layer in self._host_backed:
             pending = self._pending.pop(layer, None)
             if pending is None:
                 raise RuntimeError(f"no swap-in was issued for host-backed layer {layer}")
@@ -234,13 +245,13 @@ class LayerSwapKVCache(KVCache):
         if not self._in_step or layer != self._next_layer:
             raise RuntimeError(f"end_layer({layer}) out of order (expected layer {self._next_layer})")
         self._next_layer = layer + 1
+        if (fence := self._fence_of.pop(layer, None)) is not None:
+            self.engine.advance(fence)  # its copies were queued in begin_step (no Trace on that engine)
+            return
         slot = self._slot_of[layer]
         if self.trace is not None:
             self.trace.record("compute_end", layer, slot)
-        if (fence := self._fence_of.pop(layer, None)) is not None:
-            self.engine.advance(fence)  # its copies were queued in begin_step
-            return
-        if not self.schedule.is_host_backed(layer):
+        if layer not in self._host_backed:
             return
         wb = self.engine.write_back(self._views[slot], self._host[layer], self._slots_dev, self._slots_cpu,
                                     layer=layer, slot=slot)
@@ -271,10 +282,11 @@ class LayerSwapKVCache(KVCache):
         self.swap_stall_seconds_total += stats.stall_seconds
         self.last_step_stall_seconds, self.last_step_copy_seconds = stats.stall_seconds, stats.copy_seconds
         # periods: [begin_step, embedding + layer 0's projections, layer 0, ..., layer n - 1]; begin_step's own
-        # work (swap-in issue, host growth) is swapping cost too.
+        # work (swap-in issue) is swapping cost too, except growing the host copies: that is paid once as demand
+        # grows, not every step at this m, so it must not make the controller judge m as not transparent.
         p = stats.periods
         excess = self.schedule.excess_seconds(p[2:]) if complete and len(p) == self.num_layers + 2 else None
-        self.last_step_excess_seconds = None if excess is None else excess + p[0]
+        self.last_step_excess_seconds = None if excess is None else excess + max(0.0, p[0] - self._growth_seconds)
 
     def _release_fences(self) -> None:
         """Pass the fences of layers that never ran, so their queued copies can finish: they move only rows of

@@ -5,6 +5,10 @@ competing with compute for CPU cores, or for memory bandwidth) is still seen. It
 ``a + b * num_tokens + c * context_tokens`` (fixed cost such as reading weights, per-token cost, attention over
 the KV read), fitted by exponentially weighted least squares with a small ridge so a feature that never varies
 (e.g. context not reported) just gets no weight. Predictions are only trusted near the data it has seen.
+
+It also measures its own error: every sample it is given is first predicted from the samples before it, and the
+mean absolute relative miss of those held-out predictions is ``error``. The controller counts only the part of
+an overhead reading beyond it: a 5% epsilon cannot be judged against a reference that is itself 3% off.
 """
 
 from __future__ import annotations
@@ -49,13 +53,19 @@ class LatencyBaseline:
         self.num_samples = 0
         self._tok_range = (float("inf"), 0.0)
         self._ctx_range = (float("inf"), 0.0)
+        self._miss_sum = self._miss_weight = 0.0  # exponentially weighted sum of |held-out relative miss|
+        self.num_held_out = 0
 
     @staticmethod
     def _features(num_tokens: int, context_tokens: int) -> list[float]:
         return [1.0, num_tokens / _TOKEN_SCALE, context_tokens / _CONTEXT_SCALE]
 
     def add(self, seconds: float, num_tokens: int, context_tokens: int = 0) -> None:
-        """One iteration observed without swapping."""
+        """One iteration observed without swapping (first predicted, to measure ``error``)."""
+        if (pred := self.predict(num_tokens, context_tokens)) is not None:
+            self._miss_sum = self.decay * self._miss_sum + abs(seconds / pred - 1.0)
+            self._miss_weight = self.decay * self._miss_weight + 1.0
+            self.num_held_out += 1
         x = self._features(num_tokens, context_tokens)
         for i in range(3):
             self._xty[i] = self.decay * self._xty[i] + x[i] * seconds
@@ -65,6 +75,11 @@ class LatencyBaseline:
         self._tok_range = (min(self._tok_range[0], num_tokens), max(self._tok_range[1], num_tokens))
         self._ctx_range = (min(self._ctx_range[0], context_tokens), max(self._ctx_range[1], context_tokens))
         self._coef = None
+
+    def error(self, min_held_out: int = 4) -> float | None:
+        """Mean absolute relative error of held-out predictions (see module docstring); None before
+        ``min_held_out`` of them."""
+        return self._miss_sum / self._miss_weight if self.num_held_out >= min_held_out else None
 
     def predict(self, num_tokens: int, context_tokens: int = 0) -> float | None:
         """Expected no-swap seconds, or None when the model has too few samples or would extrapolate far.

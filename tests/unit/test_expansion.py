@@ -24,15 +24,16 @@ GEO = SwapGeometry(num_layers=N, pool_blocks=N * 100, num_staging=2, layer_block
 
 def run(ctrl: ExpansionController, iters: int, overhead: Callable[[int], float], *, stall_share: float = 1.0,
         excess_share: float | None = None, waiting: int = 1, blocks: int | None = None, seed: int = 0,
-        load: float = 1.0) -> list[int]:
+        load: float = 1.0, noise: float = 0.0) -> list[int]:
     """Simulated engine: iteration = base(tokens) * (1 + overhead(m)); ``stall_share`` of the extra is stall (the
     rest is compute slowed down, e.g. by copy threads); ``excess_share`` of it is reported as measured in-step
-    excess (None: not measured). ``load`` scales the tokens. Returns m after every iteration."""
+    excess (None: not measured). ``load`` scales the tokens; ``noise``: each iteration is off by up to this
+    relative amount (uniform), as measured iteration times are. Returns m after every iteration."""
     rng = random.Random(seed)
     history = []
     for _ in range(iters):
         tokens = round(load * rng.randint(50, 150))
-        base = 0.01 + 1e-4 * tokens
+        base = (0.01 + 1e-4 * tokens) * (1.0 + rng.uniform(-noise, noise))
         extra = base * overhead(ctrl.m)
         used = blocks if blocks is not None else GEO.capacity_blocks(ctrl.m)
         excess = None if excess_share is None or ctrl.m == 0 else extra * excess_share
@@ -54,8 +55,32 @@ def test_grows_one_layer_at_a_time_under_demand_with_zero_stall() -> None:
     assert ctrl.m == N - 1 and ctrl.num_shrinks == 0
     cfg = ctrl.config
     first_grow = hist.index(1) + 1
-    assert first_grow == cfg.window  # patience: a full window of evidence (no cooldown before the first)
+    # patience: a full window of evidence, and a baseline whose held-out error is measured (no cooldown yet)
+    assert first_grow == max(cfg.window, cfg.baseline_min_samples + cfg.baseline_min_held_out)
     assert hist.index(2) - hist.index(1) == cfg.cooldown + cfg.window
+
+
+@pytest.mark.parametrize(("wanted", "limit", "want"), [
+    (150, None, 4),  # 1.2 * 150 = 180 blocks: C(3) = 160 is short, C(4) = 200 holds them
+    (100, None, 1),  # no more than the current capacity is wanted: one layer, as before
+    (5000, None, N - 1),  # beyond any m: as far as allowed
+    (150, GEO.num_host_backed(2) * GEO.capacity_blocks(2) * 1000, 2),  # the host limit allows at most m = 2
+])
+def test_grows_at_once_to_the_m_that_holds_the_wanted_kv(wanted: int, limit: int | None, want: int) -> None:
+    ctrl = ExpansionController(GEO, host_memory_limit=limit)
+    cfg = ctrl.config
+    for _ in range(max(cfg.window, cfg.baseline_min_samples + cfg.baseline_min_held_out)):
+        ctrl.update(IterationSample(0.02, 0.0, 100, num_waiting=3, blocks_in_use=100, blocks_wanted=wanted))
+    assert ctrl.m == want and ctrl.num_grows == 1, ctrl.last_decision
+
+
+def test_a_jump_stops_below_a_known_overhead_ceiling() -> None:
+    ctrl = ExpansionController(GEO)
+    run(ctrl, 400, lambda m: 0.0 if m <= 2 else 0.10)  # probes 3, backs off: 3 is the ceiling
+    assert ctrl.m == 2 and ctrl.state()["ceiling"] == 3
+    for _ in range(3 * ctrl.config.window):
+        ctrl.update(IterationSample(0.02, 0.0, 100, num_waiting=3, blocks_in_use=133, blocks_wanted=400))
+    assert ctrl.m == 2 and ctrl.num_grows == 3  # wants m = 6, but 3 and above caused overhead
 
 
 def test_no_demand_no_growth() -> None:
@@ -101,6 +126,24 @@ def test_overhead_without_stall_is_caught_by_the_baseline() -> None:
     hist = run(ctrl, 300, lambda m: 0.0 if m <= 1 else 0.15, stall_share=0.0)
     assert ctrl.baseline.num_samples >= ctrl.config.baseline_min_samples
     assert steps_of(hist) == [0, 1, 2, 1] and ctrl.m == 1 and ctrl.transparent_limit == 1
+
+
+@pytest.mark.parametrize(("noise", "true_overhead", "shrinks", "used"), [
+    (0.03, 0.04, False, True),  # reads 4% +- 1%: some windows above 5%, but not beyond the baseline's own ~1.5% miss
+    (0.03, 0.15, True, True),  # a real slowdown is still caught (the term is the only one that sees it)
+    (0.10, 0.15, False, False),  # a baseline missing by ~5% cannot judge a 5% epsilon: not used at all
+])
+def test_baseline_counts_only_beyond_its_own_measured_error(noise: float, true_overhead: float, shrinks: bool,
+                                                           used: bool) -> None:
+    """Iteration times jitter; the m = 0 baseline measures its own error on held-out iterations and its overhead
+    reading counts only beyond that error, or not at all when the error is too large for epsilon."""
+    ctrl = ExpansionController(GEO)
+    hist = run(ctrl, 400, lambda m: 0.0 if m == 0 else true_overhead, stall_share=0.0, noise=noise, seed=3)
+    err = ctrl.baseline.error()
+    assert err is not None and noise / 4 < err < noise
+    assert (ctrl.num_shrinks > 0) == shrinks, steps_of(hist)
+    if not shrinks:  # the readings at the top m
+        assert hist[-1] == N - 1 and (ctrl.overheads["baseline"] is not None) == used
 
 
 def test_in_step_excess_is_seen_where_the_baseline_cannot_predict() -> None:
@@ -228,6 +271,8 @@ def test_latency_baseline_fits_and_refuses_to_extrapolate() -> None:
         flat.add(0.5, 64)  # one batch size, no context reported: still predicts that point
     assert flat.predict(64) == pytest.approx(0.5, rel=1e-3)
     assert flat.predict(100) is None  # no slope was ever observed: do not guess it
+    assert b.error() == pytest.approx(0.0, abs=0.01)  # noise-free samples: held-out predictions nearly exact
+    assert flat.error() is None and flat.error(min_held_out=3) == pytest.approx(0.0, abs=1e-4)  # 3 held out
 
 
 @pytest.mark.parametrize(("mode", "limit", "blocks", "want"), [
