@@ -66,6 +66,10 @@ class CopyHandle:
         self.end_ev: torch.cuda.Event | None = None
         self.device_ev: torch.cuda.Event | None = None
 
+    def is_done(self) -> bool:
+        """Host-side work finished (``done`` is set), without blocking."""
+        return self.done.is_set()
+
     def wait_host(self) -> None:
         """Block until host-side completion; re-raise a copy failure here rather than hang or corrupt silently."""
         self.done.wait()
@@ -169,7 +173,7 @@ class HostTimedCopyEngine(CopyEngine):
         self._unaccounted: list[CopyHandle] = []
 
     def wait(self, handle: CopyHandle) -> None:
-        if not handle.done.is_set():
+        if not handle.is_done():
             t0 = time.perf_counter()
             handle.done.wait()
             stall = time.perf_counter() - t0
@@ -182,21 +186,16 @@ class HostTimedCopyEngine(CopyEngine):
         self._marks.append(self.clock())
 
     def end_step(self) -> StepCopyStats:
-        self._account_copies()
-        marks, self._marks = self._marks, []
-        self._stats.periods = [b - a for a, b in zip(marks, marks[1:], strict=False)]
-        return self._take_stats()
-
-
-    def _account_copies(self) -> None:
-        """Add the durations of finished copies to this step's ``copy_seconds``; keep the others for later."""
         rest = []
         for h in self._unaccounted:
             if (seconds := h.seconds) is not None:
                 self._stats.copy_seconds += seconds
-            elif not h.done.is_set():
+            elif not h.is_done():
                 rest.append(h)
         self._unaccounted = rest
+        marks, self._marks = self._marks, []
+        self._stats.periods = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+        return self._take_stats()
 
 
 def make_copy_engine(device: torch.device, link_in: LinkModel | None = None, link_out: LinkModel | None = None,

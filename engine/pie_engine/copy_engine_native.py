@@ -98,10 +98,11 @@ class NativeCopyHandle(CopyHandle):
         return next((p.error for p in self.pre if p is not None and p.error is not None), None)  # a prerequisite
 
     def wait_host(self) -> None:
-        self.done.wait()
+        if not self.is_done():
+            self.done.wait()
         self.keep = None  # the worker is done with the memory
-        if (err := self.error) is not None:
-            raise RuntimeError(f"KV {self.kind} copy of layer {self.layer} failed") from err
+        if self.failed():
+            raise RuntimeError(f"KV {self.kind} copy of layer {self.layer} failed") from self.error
 
 
 class NativeStepProgram:
@@ -266,30 +267,6 @@ class NativeCopyEngine(HostTimedCopyEngine):
     def release_fences(self) -> None:
         """Pass every fence made so far (a step that ended early, or closing): nothing queued may wait forever."""
         self.advance(self._fences_made)
-
-    def wait(self, handle: CopyHandle) -> None:
-        """``HostTimedCopyEngine.wait`` with the counter read inline: it runs once per host-backed layer."""
-        if not isinstance(handle, NativeCopyHandle):
-            return super().wait(handle)
-        if self._sh.counters[handle._d] < handle._seq:
-            t0 = time.perf_counter()
-            self._sh.nogil.pie_cw_wait(self._sh.cw, handle._d, handle._seq)
-            stall = time.perf_counter() - t0
-            self._stats.stall_seconds += stall
-            self.stall_seconds_total += stall
-        if handle.failed():
-            handle.wait_host()  # raises
-        self._unaccounted.append(handle)  # swap-ins are accounted in the step that consumed them
-
-    def _account_copies(self) -> None:
-        counters, rest, copy_ns = self._sh.counters, [], 0
-        for h in self._unaccounted:  # NOTE: a dozen per step: the counter read inline, not through properties
-            if counters[h._d] >= h._seq:
-                copy_ns += h.result[h.off]
-            else:
-                rest.append(h)
-        self._unaccounted = rest
-        self._stats.copy_seconds += copy_ns * 1e-9
 
     @staticmethod
     def _min_ns(link: LinkModel | None, nbytes: int) -> int:

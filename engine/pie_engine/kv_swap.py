@@ -110,7 +110,6 @@ class LayerSwapKVCache(KVCache):
         self.num_blocks = self.geometry.capacity_blocks(m)
         self._programs = {}  # NOTE: they point into the old slot views
         self._slot_cache: dict[int, list[int]] = {}  # rotation phase -> per layer: its slot
-        self._host_backed = frozenset(self.schedule.host_backed)
         slot_elems = self.num_blocks * self._block_elems
         shape = (2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self._views = [self.pool[i * slot_elems:(i + 1) * slot_elems].view(shape)
@@ -232,7 +231,7 @@ class LayerSwapKVCache(KVCache):
             raise RuntimeError(f"begin_layer({layer}) out of order (expected layer {self._next_layer} inside a step)")
         self.engine.mark()
         slot = self._slot_of[layer]
-        if layer in self._host_backed:
+        if layer in self.schedule.host_backed:
             pending = self._pending.pop(layer, None)
             if pending is None:
                 raise RuntimeError(f"no swap-in was issued for host-backed layer {layer}")
@@ -251,7 +250,7 @@ class LayerSwapKVCache(KVCache):
         slot = self._slot_of[layer]
         if self.trace is not None:
             self.trace.record("compute_end", layer, slot)
-        if layer not in self._host_backed:
+        if layer not in self.schedule.host_backed:
             return
         wb = self.engine.write_back(self._views[slot], self._host[layer], self._slots_dev, self._slots_cpu,
                                     layer=layer, slot=slot)
