@@ -1,9 +1,10 @@
 """The adaptive expansion controller on the swap_sweep workload and budget: which m it settles on (vs the best
 static m of the sweep), its throughput vs no-swap, and its iteration-latency overhead, all measured in this run.
 
-Goals (docs/pie.md): settled ratio within 10% of the best static ratio; throughput >= 1.5x no-swap at <= 5%
-iteration-latency overhead. Reported as measured, whatever it is. Reads bench/results/swap_sweep.json for the
-sweep's best static m (run swap_sweep.py first; run_all.py does); without it that comparison is null.
+Goals (docs/pie.md): settled ratio within 10% of the best static ratio (the smallest m within 5% of the best static
+throughput: see ``reference``); throughput >= 1.5x no-swap at <= 5% iteration-latency overhead. Reported as
+measured, whatever it is. Reads bench/results/swap_sweep.json for the sweep's best static m (run swap_sweep.py
+first; run_all.py does); without it that comparison is null.
 
     PYTHONPATH=engine:. python bench/adaptive.py [--quick]
 """
@@ -25,7 +26,7 @@ from bench.pie_common import (
     summary,
 )
 from bench.pie_common import workload_kv_bytes as kv_bytes
-from bench.swap_sweep import QUICK, WORKLOAD, ratio_for
+from bench.swap_sweep import PLATEAU, QUICK, WORKLOAD, ratio_for
 
 # A latency budget above this CPU's floor: on two vCPUs swapping at any m costs ~3-5% (hooks on the compute thread,
 # copy threads sharing the cores: swap_sweep), right at the default epsilon of 5%, where the controller's readings
@@ -42,10 +43,20 @@ def sweep_best(quick: bool) -> dict | None:
     transparent = [r for r in rows if r["latency_overhead"] is not None and r["latency_overhead"] <= 0.05]
     pick = lambda rs: max(rs, key=lambda r: r["tok_s"]) if rs else None  # noqa: E731
     out = {}
-    for name, row in (("by_throughput", pick(rows)), ("transparent_by_throughput", pick(transparent))):
+    best = pick(rows)
+    plateau = next(r for r in rows if r["tok_s"] >= PLATEAU * best["tok_s"])
+    for name, row in (("plateau", plateau), ("by_throughput", best), ("transparent_by_throughput", pick(transparent))):
         out[name] = None if row is None else {k: row[k] for k in ("layers_on_host", "expansion_ratio", "tok_s",
                                                                    "throughput_vs_no_swap", "latency_overhead")}
     return out
+
+
+def reference(best: dict | None) -> dict | None:
+    """The static row the controller is judged against: the smallest m within 5% of the best static throughput.
+    Throughput is flat once every request fits (m = 4..7 here), so the fastest of those is run-to-run noise (+-3%),
+    and so is whether a given m reads 4.9% or 5.1% overhead; the start of the plateau is stable. The fastest m and
+    the fastest within 5% overhead are reported next to it."""
+    return None if best is None else best["plateau"]
 
 
 def trajectory(ms: list[int]) -> list[list[int]]:
@@ -62,8 +73,8 @@ def run(quick: bool = False, repeats: int = 2) -> dict:
     best = sweep_best(quick)
     configs = {"ideal": (None, "off"), "off": (budget, "off"), "adaptive": (budget, "adaptive"),
                "adaptive_relaxed": (budget, "adaptive", RELAXED)}
-    if best is not None and best["by_throughput"] is not None:
-        configs["best_static"] = (budget, ratio_for(best["by_throughput"]["layers_on_host"], n))
+    if (ref := reference(best)) is not None:
+        configs["best_static"] = (budget, ratio_for(ref["layers_on_host"], n))
     runs = best_of(configs, reqs, repeats)
     base = fit_baseline(runs["ideal"])
     off = runs["off"]
@@ -83,8 +94,8 @@ def run(quick: bool = False, repeats: int = 2) -> dict:
                 a[f"settled_ratio_vs_best_static_{name}"] = round(a["settled_expansion_ratio"] / row["expansion_ratio"],
                                                                   3)
         a["goals"] = {
-            "ratio_within_10pct_of_best_static": None if best is None or best["by_throughput"] is None else
-            abs(a["settled_expansion_ratio"] / best["by_throughput"]["expansion_ratio"] - 1) <= 0.10,
+            "ratio_within_10pct_of_best_static": None if ref is None else
+            abs(a["settled_expansion_ratio"] / ref["expansion_ratio"] - 1) <= 0.10,
             "throughput_ge_1.5x_no_swap": a["throughput_vs_no_swap"] >= 1.5,
             "latency_overhead_le_5pct": a["latency_overhead"] is not None and a["latency_overhead"] <= 0.05}
     plot(result, runs, best, quick)
@@ -112,8 +123,8 @@ def plot(result: dict, runs: dict, best: dict | None, quick: bool) -> None:
         ms = [i.layers_on_host for i in runs[variant].iterations]
         eps = result[variant].get("config", {}).get("expansion_epsilon", 0.05)
         a.step(range(len(ms)), ms, where="post", label=f"{variant} (epsilon {eps})")
-    if best is not None and best["by_throughput"] is not None:
-        a.axhline(best["by_throughput"]["layers_on_host"], linestyle="--", color="gray", label="best static m (sweep)")
+    if (ref := reference(best)) is not None:
+        a.axhline(ref["layers_on_host"], linestyle="--", color="gray", label="best static m (sweep plateau)")
     a.set_xlabel("iteration")
     a.set_ylabel("layers on host (m)")
     a.legend(fontsize=8)

@@ -47,6 +47,8 @@ def summarize(results: Path, suffix: str = "") -> dict[str, object]:
         "online_throughput_ratio_vs_hf": online["throughput_ratio"],
         "online_p50_ratios_hf_over_engine": online["ratios_hf_over_engine"],
         "pie_swap_sweep_best_static": sweep["best_static"],
+        "pie_swap_sweep_best_static_plateau": sweep.get("best_static_plateau"),
+        "pie_swap_sweep_best_transparent_static": sweep.get("best_transparent_static"),
         "pie_ideal_vs_no_swap": sweep["ideal_vs_no_swap"],
         "pie_adaptive": {k: {f: ad[k][f] for f in ("settled_expansion_ratio", "throughput_vs_no_swap",
                                                    "latency_overhead")} for k in ("adaptive", "adaptive_relaxed")},

@@ -34,6 +34,9 @@ WORKLOAD = {"n": 6, "input_len": (128, 160), "output_len": (160, 192)}
 QUICK = {"n": 4, "input_len": (48, 64), "output_len": (64, 80)}
 
 
+PLATEAU = 0.95  # within 5% of the best static throughput: the same, on this machine
+
+
 def ratio_for(m: int, n: int) -> str:
     return repr(n / (n - m))
 
@@ -59,10 +62,16 @@ def run(quick: bool = False, repeats: int = 2) -> dict:
         row = {"layers_on_host": m, "expansion_ratio": round(n / (n - m), 3), **summary(r, base),
                "throughput_vs_no_swap": round(r.tok_s / off.tok_s, 3)}
         result["sweep"].append(row)
+    keys = ("layers_on_host", "expansion_ratio", "throughput_vs_no_swap", "latency_overhead")
     best = max(result["sweep"], key=lambda r: r["tok_s"])
-    result["best_static"] = {"layers_on_host": best["layers_on_host"], "expansion_ratio": best["expansion_ratio"],
-                             "throughput_vs_no_swap": best["throughput_vs_no_swap"],
-                             "latency_overhead": best["latency_overhead"]}
+    result["best_static"] = {k: best[k] for k in keys}
+    # Throughput is flat once every request fits (m = 4..7 here), so which of those is fastest is run-to-run noise
+    # (+-3%): the smallest m within PLATEAU of the best is the best static ratio, more host memory buys nothing.
+    plateau = next(r for r in result["sweep"] if r["tok_s"] >= PLATEAU * best["tok_s"])
+    result["best_static_plateau"] = {k: plateau[k] for k in keys}
+    # The best m whose replayed overhead stays within the default epsilon (5%), for reference.
+    ok = [r for r in result["sweep"] if r["latency_overhead"] is not None and r["latency_overhead"] <= 0.05]
+    result["best_transparent_static"] = {k: max(ok, key=lambda r: r["tok_s"])[k] for k in keys} if ok else None
     result["ideal_vs_no_swap"] = round(ideal.tok_s / off.tok_s, 3)  # the most any expansion could buy here
     result["greedy_outputs_identical"] = all_equal
     ms = [r["layers_on_host"] for r in result["sweep"]]

@@ -49,7 +49,7 @@ def _exit_quietly(signum: int, frame: object) -> None:
 
 
 def _check_expansion(value: str) -> None:
-    from pie_engine.expansion import parse_expansion
+    from pie_engine.expansion_config import parse_expansion
 
     try:
         parse_expansion(value)

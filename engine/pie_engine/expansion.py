@@ -8,96 +8,32 @@ overhead of swapping exceeds epsilon. Overhead over a window of iterations is th
   layers took beyond its resident layers (SwapSchedule.excess_seconds): stalls plus copy issue and write-back work
   on the compute timeline, against a no-swap reference at exactly the same load;
 - baseline: ``sum(iteration) / sum(no-swap prediction) - 1``, the prediction from a LatencyBaseline fitted while
-  m = 0 (latency_baseline.py), used only near the loads it was fitted on, less the baseline's own measured error
-  (held-out predictions at m = 0). It catches a slowdown of all layers alike (copy threads competing with compute
+  m = 0 (latency_baseline.py), used only at loads like ones it predicted at m = 0, less its own measured error
+  there (held-out predictions). It catches a slowdown of all layers alike (copy threads competing with compute
   for cores or memory bandwidth), which the in-step comparison cannot see.
-Hysteresis: grow only below ``grow_overhead`` (< epsilon), a full window of evidence per decision, a cooldown after
-every change, and an m that caused overhead stays forbidden for ``ceiling_ttl`` iterations, so the controller
-settles instead of oscillating. docs/pie.md has the details.
+Hysteresis: grow only below ``grow_overhead`` (< epsilon), a full window of evidence per decision (and a second one
+to confirm a shrink unless the overhead is clearly above epsilon), a cooldown after every change, and an m that
+caused overhead stays forbidden for ``ceiling_ttl`` iterations, so the controller settles instead of oscillating.
+docs/pie.md has the details.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Iterable
 
+from pie_engine.expansion_config import (
+    MODES,
+    ControllerConfig,
+    IterationSample,
+    layers_for_ratio,
+    parse_expansion,
+)
 from pie_engine.latency_baseline import LatencyBaseline
 from pie_engine.swap_schedule import SwapGeometry
 
-MODES = ("off", "adaptive", "static")
-
-
-@dataclass(frozen=True)
-class IterationSample:
-    """What one engine iteration reports to the controller."""
-
-    iteration_seconds: float
-    stall_seconds: float  # compute waiting for swap-ins (LayerSwapKVCache.last_step_stall_seconds)
-    num_tokens: int  # tokens computed in the step
-    context_tokens: int = 0  # KV tokens the step's attention read (sum of context lengths); 0 if unknown
-    num_waiting: int = 0  # requests waiting for admission
-    num_preempted: int = 0  # preemptions this step
-    blocks_in_use: int = 0  # per layer: max used block id + 1 (in use or prefix-cached)
-    blocks_wanted: int | None = None  # blocks_in_use plus what the waiting queue needs; None: blocks_in_use
-    excess_seconds: float | None = None  # swapping's cost measured inside the step (kv_swap.py); None: unknown
-
-
-@dataclass(frozen=True)
-class ControllerConfig:
-    epsilon: float = 0.05  # shrink when the overhead exceeds this
-    # Grow only while the overhead is below this (the band up to epsilon: hold). 0.8 epsilon, not less: swapping
-    # has a fixed cost at any m (hooks, copy threads), and a lower bar would forbid every m where all are < epsilon.
-    grow_overhead: float = 0.04
-    grow_stall_fraction: float = 0.01  # ... and stall / iteration time is below this
-    window: int = 8  # iterations of evidence per decision (patience)
-    cooldown: int = 4  # iterations ignored after a change (pipeline refill, migration)
-    demand_fraction: float = 0.5  # share of the window's iterations that must show demand to grow
-    # A grow goes at once to the smallest m whose capacity holds this times the KV wanted in the window (when that
-    # is beyond the current capacity), not one layer per window: the controller settles during warm-up.
-    grow_headroom: float = 1.2
-    usage_high: float = 0.9  # blocks_in_use >= this * C counts as demand
-    ceiling_ttl: int = 500  # iterations an m that caused overhead stays forbidden
-    idle_shrink: bool = True  # give layers back when the KV would fit comfortably with one fewer on host
-    idle_fraction: float = 0.5
-    idle_window: int = 64
-    baseline_decay: float = 0.99
-    baseline_min_samples: int = 8
-    baseline_min_held_out: int = 4  # held-out predictions at m = 0 before the baseline's error is known
-    baseline_max_error: float = 0.5  # a baseline that misses by more than this times epsilon cannot judge it
-    # Trust the baseline up to this factor beyond the loads it saw at m = 0. 1: only within them. Measured on the
-    # bench workload (context grows every step): 1.25x out it read 9-13% where the truth was ~3%. A 5% epsilon needs
-    # a reference better than 5%; beyond its range the in-step excess covers the rest.
-    baseline_extrapolation: float = 1.0
-    peak_window: int = 2048  # iterations over which the peak KV demand is taken (recommendations)
-    headroom: float = 1.1  # multiplier on the recommendations
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.grow_overhead < self.epsilon:
-            raise ValueError(f"need 0 <= grow_overhead < epsilon, got {self.grow_overhead}, {self.epsilon}")
-        if self.window < 1 or self.cooldown < 0 or self.idle_window < 1 or self.peak_window < 1:
-            raise ValueError("window, idle_window and peak_window must be >= 1 and cooldown >= 0")
-        if self.headroom < 1.0 or self.grow_headroom < 1.0:
-            raise ValueError(f"headroom and grow_headroom must be >= 1, got {self.headroom}, {self.grow_headroom}")
-
-
-def parse_expansion(setting: str) -> tuple[str, float | None]:
-    """``--expansion``: off | adaptive | a ratio >= 1 (e.g. "2.0") -> (mode, ratio)."""
-    s = str(setting).strip().lower()
-    if s in ("off", "adaptive"):
-        return s, None
-    try:
-        ratio = float(s)
-    except ValueError:
-        raise ValueError(f"expansion must be off, adaptive or a ratio >= 1, got {setting!r}") from None
-    if not ratio >= 1.0 or math.isinf(ratio):
-        raise ValueError(f"an expansion ratio must be a finite number >= 1, got {setting!r}")
-    return "static", ratio
-
-
-def layers_for_ratio(num_layers: int, ratio: float) -> int:
-    """Static mode: m = round(n - n / ratio), clamped to [0, n - 1]."""
-    return max(0, min(num_layers - 1, round(num_layers - num_layers / ratio)))
+Entry = tuple[IterationSample, "tuple[float, float] | None", bool]
 
 
 class ExpansionController:
@@ -113,8 +49,11 @@ class ExpansionController:
         self.host_memory_limit = host_memory_limit
         self.config = cfg = config or ControllerConfig()
         self.max_layers_on_host = geometry.max_layers_on_host(host_memory_limit)
-        self.baseline = LatencyBaseline(cfg.baseline_decay, cfg.baseline_min_samples, cfg.baseline_extrapolation)
-        self._window: deque[tuple[IterationSample, float | None, bool]] = deque(maxlen=cfg.window)
+        self.baseline = LatencyBaseline(cfg.baseline_decay, cfg.baseline_min_samples, cfg.baseline_extrapolation,
+                                        min_held_out=cfg.baseline_min_held_out)
+        # (sample, baseline reference (prediction, its error) or None, demand) since the last change, newest last;
+        # decisions read the last ``window``, a shrink's confirmation all of it.
+        self._recent: deque[Entry] = deque(maxlen=cfg.confirm_window)
         self._idle: deque[tuple[int, bool]] = deque(maxlen=cfg.idle_window)
         self._peak: deque[tuple[int, int]] = deque()  # (iteration, wanted), decreasing: a sliding-window max
         self.peak_blocks = 0  # observed peak KV demand, blocks per layer, over the last peak_window iterations
@@ -158,19 +97,20 @@ class ExpansionController:
             return self.m
         if self.m == 0:
             self.baseline.add(s.iteration_seconds, s.num_tokens, s.context_tokens)
-        pred = None if self.m == 0 else self.baseline.predict(s.num_tokens, s.context_tokens)
-        self._window.append((s, pred, demand))
-        if len(self._window) < cfg.window:
+        self._recent.append((s, self._reference(s), demand))
+        if len(self._recent) < cfg.window:
             return self.m
-        self._measure()
+        window = list(self._recent)[-cfg.window:]
+        self.overhead, self.overheads, self.stall_fraction = self._measure(window)
         if self._ceiling is not None and self._iteration >= self._ceiling[1]:
             self._ceiling = None  # load may have changed: allow probing again
-        if self.m > 0 and self.overhead > cfg.epsilon:
+        if self.m > 0 and self.overhead > cfg.epsilon and (confirmed := self._confirm_overhead()):
             self._ceiling = (self.m, self._iteration + cfg.ceiling_ttl)
             self.transparent_limit = self.m - 1
             terms = ", ".join(f"{k} {v:.3f}" for k, v in self.overheads.items() if v is not None)
-            return self._change(self.m - 1, f"overhead {self.overhead:.3f} > epsilon {cfg.epsilon} ({terms})")
-        demand_share = sum(d for _, _, d in self._window) / len(self._window)
+            return self._change(self.m - 1,
+                                f"overhead {self.overhead:.3f} > epsilon {cfg.epsilon} ({terms}; {confirmed})")
+        demand_share = sum(d for _, _, d in window) / len(window)
         ceiling = self._ceiling[0] if self._ceiling is not None else self.geometry.num_layers
         # NOTE: leave m = 0 only with a usable baseline whose error is known, or overhead that is not a stall would
         # go unseen.
@@ -178,7 +118,7 @@ class ExpansionController:
         if (baseline_ready and self.overhead < cfg.grow_overhead and self.stall_fraction < cfg.grow_stall_fraction
                 and demand_share >= cfg.demand_fraction and self.m + 1 <= self.max_layers_on_host
                 and self.m + 1 < ceiling):
-            return self._change(self._grow_target(ceiling), f"demand with overhead {self.overhead:.3f}")
+            return self._change(self._grow_target(window, ceiling), f"demand with overhead {self.overhead:.3f}")
         if cfg.idle_shrink and self.m > 0 and len(self._idle) == cfg.idle_window and not any(
                 d for _, d in self._idle):
             smaller = self.geometry.capacity_blocks(self.m - 1)
@@ -187,10 +127,20 @@ class ExpansionController:
         self.last_decision = "hold"
         return self.m
 
-    def _grow_target(self, ceiling: int) -> int:
+    def _confirm_overhead(self) -> str | None:
+        """Why the window's overhead above epsilon is real: clearly above it, or confirmed over ``confirm_window``
+        iterations at this m; None: wait for more evidence (or for the reading to fall back)."""
+        cfg = self.config
+        if self.overhead > cfg.clear_factor * cfg.epsilon:
+            return "clear"
+        if len(self._recent) == cfg.confirm_window and (long := self._measure(self._recent)[0]) > cfg.epsilon:
+            return f"confirmed over {cfg.confirm_window} iterations: {long:.3f}"
+        return None
+
+    def _grow_target(self, window: list[Entry], ceiling: int) -> int:
         """m + 1, or the smallest m that holds ``grow_headroom`` times the window's peak KV demand when that demand
         is beyond the current capacity (never at or above ``ceiling``, never beyond the host limit)."""
-        wanted = max(s.blocks_in_use if s.blocks_wanted is None else s.blocks_wanted for s, _, _ in self._window)
+        wanted = max(s.blocks_in_use if s.blocks_wanted is None else s.blocks_wanted for s, _, _ in window)
         target = self.m + 1
         if wanted > self.geometry.capacity_blocks(self.m):
             need = self.required_layers_on_host(math.ceil(self.config.grow_headroom * wanted))
@@ -221,31 +171,33 @@ class ExpansionController:
             self._peak.popleft()
         self.peak_blocks = self._peak[0][1]
 
-    def _measure(self) -> None:
-        """Overhead and stall fraction over the window (see module docstring)."""
-        it = sum(s.iteration_seconds for s, _, _ in self._window)
-        stall = sum(s.stall_seconds for s, _, _ in self._window)
-        self.stall_fraction = stall / it if it > 0 else 0.0
+    def _reference(self, s: IterationSample) -> tuple[float, float] | None:
+        """The no-swap baseline's (prediction, error) for this iteration's load, if it can judge epsilon there: a
+        load like ones it predicted at m = 0, with an error below ``baseline_max_error * epsilon``."""
+        if self.m == 0 or (ref := self.baseline.reference(s.num_tokens, s.context_tokens)) is None:
+            return None
+        return ref if ref[1] <= self.config.baseline_max_error * self.config.epsilon else None
+
+    def _measure(self, entries: Iterable[Entry]) -> tuple[float, dict[str, float | None], float]:
+        """(overhead, each term's reading, stall fraction) over ``entries`` (see module docstring)."""
+        entries = list(entries)
+        it = sum(s.iteration_seconds for s, _, _ in entries)
+        stall = sum(s.stall_seconds for s, _, _ in entries)
+        stall_fraction = stall / it if it > 0 else 0.0
         if self.m == 0:
-            self.overhead = 0.0  # nothing is swapped
-            self.overheads = {"stall": 0.0, "excess": None, "baseline": None}
-            return
-        half = (len(self._window) + 1) // 2  # a term counts only with evidence from at least half the window
-        excess = [(s.iteration_seconds, s.excess_seconds) for s, _, _ in self._window if s.excess_seconds is not None]
-        predicted = [(s.iteration_seconds, p) for s, p, _ in self._window if p is not None]
-        self.overheads = {
+            return 0.0, {"stall": 0.0, "excess": None, "baseline": None}, stall_fraction  # nothing is swapped
+        half = (len(entries) + 1) // 2  # a term counts only with evidence from at least half the entries
+        excess = [(s.iteration_seconds, s.excess_seconds) for s, _, _ in entries if s.excess_seconds is not None]
+        refs = [(s.iteration_seconds, *r) for s, r, _ in entries if r is not None]
+        predicted = sum(p for _, p, _ in refs)
+        overheads = {
             "stall": stall / max(it - stall, 1e-12),
             "excess": sum(e for _, e in excess) / max(sum(i - e for i, e in excess), 1e-12)
             if len(excess) >= half else None,
-            "baseline": sum(i for i, _ in predicted) / sum(p for _, p in predicted) - 1.0 - err
-            if len(predicted) >= half and (err := self._baseline_error()) is not None else None}
-        self.overhead = max(v for v in self.overheads.values() if v is not None)
-
-    def _baseline_error(self) -> float | None:
-        """What the baseline term is discounted by: the baseline's measured held-out error. None (the term is not
-        used) while that error is unknown, or too large to judge epsilon: above ``baseline_max_error * epsilon``."""
-        err = self.baseline.error(self.config.baseline_min_held_out)
-        return None if err is None or err > self.config.baseline_max_error * self.config.epsilon else err
+            # less the baseline's own error at these loads (prediction-weighted)
+            "baseline": (sum(i for i, _, _ in refs) - sum(p * e for _, p, e in refs)) / predicted - 1.0
+            if len(refs) >= half else None}
+        return max(v for v in overheads.values() if v is not None), overheads, stall_fraction
 
     def _change(self, m: int, reason: str) -> int:
         if m > self.m:
@@ -254,7 +206,7 @@ class ExpansionController:
             self.num_shrinks += 1
         self._previous_m, self.m = self.m, m
         self.last_decision = f"m -> {m}: {reason}"
-        self._window.clear()
+        self._recent.clear()
         self._idle.clear()
         self._cooldown = self.config.cooldown
         return m
@@ -286,7 +238,7 @@ class ExpansionController:
         if m != self.m:
             self._previous_m, self.m = self.m, m
         self.last_decision = f"device pool resized to {geometry.pool_blocks} layer-blocks at m = {m}"
-        self._window.clear()
+        self._recent.clear()
         self._idle.clear()
         self._cooldown = self.config.cooldown
 

@@ -23,7 +23,8 @@ import torch
 
 from pie_engine.config import EngineConfig, parse_bytes
 from pie_engine.copy_engine import HostTimedCopyEngine, LinkModel
-from pie_engine.expansion import ControllerConfig, ExpansionController, IterationSample, parse_expansion
+from pie_engine.expansion import ExpansionController
+from pie_engine.expansion_config import ControllerConfig, IterationSample, parse_expansion
 from pie_engine.kv_cache import DeviceKVCache, KVCache
 from pie_engine.kv_swap import LayerSwapKVCache
 from pie_engine.plan import StepPlan, SwapPlan

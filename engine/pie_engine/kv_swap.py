@@ -213,16 +213,10 @@ class LayerSwapKVCache(KVCache):
         (self._prefetched if target[1] else self._pending)[target[0]] = (swap_in, nb)
 
     def _blocks_in_use(self, plan: StepPlan) -> int:
-        needed = max((max(s.seq.block_table) + 1 for s in plan.scheduled if s.seq.block_table), default=0)
-        if plan.swap is not None:
-            if plan.swap.layers_on_host != self.layers_on_host:
-                raise ValueError(f"plan expects {plan.swap.layers_on_host} layers on host, the cache has "
-                                 f"{self.layers_on_host}: call set_layers_on_host between steps")
-            if plan.swap.num_blocks_in_use < needed:
-                raise ValueError(f"plan.swap.num_blocks_in_use={plan.swap.num_blocks_in_use} but block id "
-                                 f"{needed - 1} is scheduled")
-            needed = plan.swap.num_blocks_in_use
-        if needed > self.num_blocks:
+        if plan.swap is not None and plan.swap.layers_on_host != self.layers_on_host:
+            raise ValueError(f"plan expects {plan.swap.layers_on_host} layers on host, the cache has "
+                             f"{self.layers_on_host}: call set_layers_on_host between steps")
+        if (needed := plan.blocks_in_use()) > self.num_blocks:
             raise ValueError(f"the step uses {needed} blocks, the cache holds {self.num_blocks} per layer")
         return needed
 

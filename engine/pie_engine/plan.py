@@ -49,3 +49,14 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    def blocks_in_use(self) -> int:
+        """The device block prefix ``[0, n)`` the step reads: the swap plan's, checked against the block tables
+        (ValueError if a scheduled block lies beyond it), or the highest scheduled block id + 1 without one."""
+        needed = max((max(s.seq.block_table) + 1 for s in self.scheduled if s.seq.block_table), default=0)
+        if self.swap is None:
+            return needed
+        if self.swap.num_blocks_in_use < needed:
+            raise ValueError(f"plan.swap.num_blocks_in_use={self.swap.num_blocks_in_use} but block id "
+                             f"{needed - 1} is scheduled")
+        return self.swap.num_blocks_in_use

@@ -13,7 +13,7 @@ import torch
 from pie_engine.block_manager import BlockManager
 from pie_engine.config import EngineConfig
 from pie_engine.copy_engine import kv_flat
-from pie_engine.expansion import ControllerConfig
+from pie_engine.expansion_config import ControllerConfig
 from pie_engine.expansion_runtime import ExpansionRuntime, make_kv_cache
 from pie_engine.kv_cache import DeviceKVCache, KVCache
 from pie_engine.kv_swap import LayerSwapKVCache
@@ -95,13 +95,15 @@ def test_static_ratio_is_applied_at_start() -> None:
 def test_adaptive_grows_under_load_then_backs_off_with_correct_kv() -> None:
     """Growth with a waiting queue, at once to the m its KV needs; simulated overhead at m >= 3 makes it shrink one
     layer at a time to 2 (C shrinks: preemption)."""
-    # The simulated overhead slows every layer alike, so only the m = 0 baseline can see it: trust it far out.
-    cfg = ControllerConfig(window=2, cooldown=1, ceiling_ttl=10_000, idle_shrink=False, baseline_min_samples=4,
-                           baseline_extrapolation=4.0)
+    # The simulated overhead slows every layer alike, so only the m = 0 baseline can see it. It judges only loads it
+    # was tested on at m = 0: give it the history of a long-running server, every load this test runs (10 s each).
+    cfg = ControllerConfig(window=2, cooldown=1, ceiling_ttl=10_000, idle_shrink=False, baseline_min_samples=4)
     kv, sched, pie = setup("adaptive", cfg)
-    assert isinstance(kv, LayerSwapKVCache) and kv.layers_on_host == 0
-    # A light start, so the m = 0 baseline sees context lengths vary (a feature that barely varied is trusted only
-    # 1.25x beyond what was seen, and the expanded cache runs far larger contexts).
+    assert isinstance(kv, LayerSwapKVCache) and kv.layers_on_host == 0 and pie.controller is not None
+    for _ in range(2):
+        for tokens in (1, 2, 4, 8, 16, 32, 64, 128):
+            for context in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192):
+                pie.controller.baseline.add(10.0, tokens, context)
     add_requests(sched, 1)
     history = []
     for _ in range(3):

@@ -9,7 +9,8 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pie_engine.expansion import ExpansionController, IterationSample
+from pie_engine.expansion import ExpansionController
+from pie_engine.expansion_config import IterationSample
 from pie_engine.kv_cache import DeviceKVCache
 from pie_engine.kv_swap import LayerSwapKVCache
 from pie_engine.swap_metrics import expansion_state, register_swap_metrics
