@@ -46,7 +46,8 @@ class NeedsRestartError(RuntimeError):
 def controller_config_from(config: EngineConfig) -> ControllerConfig:
     """The controller knobs from the engine config (raises ValueError on inconsistent values)."""
     return ControllerConfig(epsilon=config.expansion_epsilon, grow_overhead=config.expansion_grow_overhead,
-                            window=config.expansion_window, cooldown=config.expansion_cooldown)
+                            window=config.expansion_window, cooldown=config.expansion_cooldown,
+                            confirm_window=max(ControllerConfig.confirm_window, config.expansion_window))
 
 
 def make_kv_cache(config: EngineConfig, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,

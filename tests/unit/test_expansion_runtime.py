@@ -14,7 +14,7 @@ from pie_engine.block_manager import BlockManager
 from pie_engine.config import EngineConfig
 from pie_engine.copy_engine import kv_flat
 from pie_engine.expansion_config import ControllerConfig
-from pie_engine.expansion_runtime import ExpansionRuntime, make_kv_cache
+from pie_engine.expansion_runtime import ExpansionRuntime, controller_config_from, make_kv_cache
 from pie_engine.kv_cache import DeviceKVCache, KVCache
 from pie_engine.kv_swap import LayerSwapKVCache
 from pie_engine.plan import StepPlan
@@ -135,3 +135,10 @@ def test_rejected_move_leaves_both_sides_consistent() -> None:
 def test_bad_expansion_setting(bad: str) -> None:
     with pytest.raises(ValueError, match="expansion"):
         setup(bad)
+
+
+@pytest.mark.parametrize("window", [1, 8, 64, 200])
+def test_any_valid_window_gives_a_valid_controller_config(window: int) -> None:
+    """``--expansion-window`` beyond the 64-iteration shrink confirmation widens the confirmation with it."""
+    cfg = controller_config_from(EngineConfig(model="x", expansion_window=window))
+    assert cfg.window == window and cfg.confirm_window == max(64, window)
