@@ -26,7 +26,7 @@ from bench.pie_common import (
     summary,
 )
 from bench.pie_common import workload_kv_bytes as kv_bytes
-from bench.swap_sweep import PLATEAU, QUICK, WORKLOAD, ratio_for
+from bench.swap_sweep import QUICK, WORKLOAD, ratio_for, static_picks
 
 # A latency budget above this CPU's floor: on two vCPUs swapping at any m costs ~3-5% (hooks on the compute thread,
 # copy threads sharing the cores: swap_sweep), right at the default epsilon of 5%, where the controller's readings
@@ -38,17 +38,11 @@ def sweep_best(quick: bool) -> dict | None:
     path = RESULTS / ("swap_sweep_quick.json" if quick else "swap_sweep.json")
     if not path.is_file():
         return None
-    sweep = json.loads(path.read_text())
-    rows = sweep["sweep"]
-    transparent = [r for r in rows if r["latency_overhead"] is not None and r["latency_overhead"] <= 0.05]
-    pick = lambda rs: max(rs, key=lambda r: r["tok_s"]) if rs else None  # noqa: E731
-    out = {}
-    best = pick(rows)
-    plateau = next(r for r in rows if r["tok_s"] >= PLATEAU * best["tok_s"])
-    for name, row in (("plateau", plateau), ("by_throughput", best), ("transparent_by_throughput", pick(transparent))):
-        out[name] = None if row is None else {k: row[k] for k in ("layers_on_host", "expansion_ratio", "tok_s",
-                                                                   "throughput_vs_no_swap", "latency_overhead")}
-    return out
+    picks = static_picks(json.loads(path.read_text())["sweep"])
+    keys = ("layers_on_host", "expansion_ratio", "tok_s", "throughput_vs_no_swap", "latency_overhead")
+    return {name: None if (row := picks[key]) is None else {k: row[k] for k in keys} for name, key in (
+        ("plateau", "best_static_plateau"), ("by_throughput", "best_static"),
+        ("transparent_by_throughput", "best_transparent_static"))}
 
 
 def reference(best: dict | None) -> dict | None:

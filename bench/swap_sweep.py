@@ -37,6 +37,20 @@ QUICK = {"n": 4, "input_len": (48, 64), "output_len": (64, 80)}
 PLATEAU = 0.95  # within 5% of the best static throughput: the same, on this machine
 
 
+def static_picks(rows: list[dict]) -> dict[str, dict | None]:
+    """The sweep rows that count as the best static m, by name (the adaptive bench judges against the plateau):
+    - ``best_static``: the fastest;
+    - ``best_static_plateau``: the smallest m within PLATEAU of the fastest. Throughput is flat once every request
+      fits (m = 4..7 here), so which of those is fastest is run-to-run noise (+-3%); more host memory buys nothing;
+    - ``best_transparent_static``: the fastest whose replayed overhead is within the default epsilon (5%), or None.
+    """
+    fastest = max(rows, key=lambda r: r["tok_s"])
+    ok = [r for r in rows if r["latency_overhead"] is not None and r["latency_overhead"] <= 0.05]
+    return {"best_static": fastest,
+            "best_static_plateau": next(r for r in rows if r["tok_s"] >= PLATEAU * fastest["tok_s"]),
+            "best_transparent_static": max(ok, key=lambda r: r["tok_s"]) if ok else None}
+
+
 def ratio_for(m: int, n: int) -> str:
     return repr(n / (n - m))
 
@@ -63,15 +77,8 @@ def run(quick: bool = False, repeats: int = 2) -> dict:
                "throughput_vs_no_swap": round(r.tok_s / off.tok_s, 3)}
         result["sweep"].append(row)
     keys = ("layers_on_host", "expansion_ratio", "throughput_vs_no_swap", "latency_overhead")
-    best = max(result["sweep"], key=lambda r: r["tok_s"])
-    result["best_static"] = {k: best[k] for k in keys}
-    # Throughput is flat once every request fits (m = 4..7 here), so which of those is fastest is run-to-run noise
-    # (+-3%): the smallest m within PLATEAU of the best is the best static ratio, more host memory buys nothing.
-    plateau = next(r for r in result["sweep"] if r["tok_s"] >= PLATEAU * best["tok_s"])
-    result["best_static_plateau"] = {k: plateau[k] for k in keys}
-    # The best m whose replayed overhead stays within the default epsilon (5%), for reference.
-    ok = [r for r in result["sweep"] if r["latency_overhead"] is not None and r["latency_overhead"] <= 0.05]
-    result["best_transparent_static"] = {k: max(ok, key=lambda r: r["tok_s"])[k] for k in keys} if ok else None
+    for name, row in static_picks(result["sweep"]).items():
+        result[name] = None if row is None else {k: row[k] for k in keys}
     result["ideal_vs_no_swap"] = round(ideal.tok_s / off.tok_s, 3)  # the most any expansion could buy here
     result["greedy_outputs_identical"] = all_equal
     ms = [r["layers_on_host"] for r in result["sweep"]]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
 import weakref
 from collections import deque
 
@@ -47,13 +46,10 @@ class _Done:
     def is_set(self) -> bool:
         return self._sh.counters[self._d] >= self._seq
 
-    def wait(self, timeout: float | None = None) -> bool:
-        if timeout is None and not self.is_set():
+    def wait(self) -> bool:
+        if not self.is_set():
             self._sh.nogil.pie_cw_wait(self._sh.cw, self._d, self._seq)
-        deadline = time.monotonic() + (timeout or 0.0)
-        while not self.is_set() and time.monotonic() < deadline:  # (rare: the engine itself never times out)
-            time.sleep(1e-4)
-        return self.is_set()
+        return True
 
 
 class NativeCopyHandle(CopyHandle):

@@ -86,9 +86,8 @@ class ExpansionController:
         self._iteration += 1
         cap = self.geometry.capacity_blocks(self.m)
         demand = s.num_waiting > 0 or s.num_preempted > 0 or s.blocks_in_use >= cfg.usage_high * cap
-        wanted = s.blocks_wanted if s.blocks_wanted is not None else s.blocks_in_use
-        self._track_peak(wanted)
-        self._idle.append((wanted, demand))
+        self._track_peak(s.wanted)
+        self._idle.append((s.wanted, demand))
         if self.mode != "adaptive":
             self.m = 0 if self.mode == "off" else self._target_static()
             return self.m
@@ -114,7 +113,7 @@ class ExpansionController:
         ceiling = self._ceiling[0] if self._ceiling is not None else self.geometry.num_layers
         # NOTE: leave m = 0 only with a usable baseline whose error is known, or overhead that is not a stall would
         # go unseen.
-        baseline_ready = self.m > 0 or self.baseline.error(cfg.baseline_min_held_out) is not None
+        baseline_ready = self.m > 0 or self.baseline.error() is not None
         if (baseline_ready and self.overhead < cfg.grow_overhead and self.stall_fraction < cfg.grow_stall_fraction
                 and demand_share >= cfg.demand_fraction and self.m + 1 <= self.max_layers_on_host
                 and self.m + 1 < ceiling):
@@ -140,7 +139,7 @@ class ExpansionController:
     def _grow_target(self, window: list[Entry], ceiling: int) -> int:
         """m + 1, or the smallest m that holds ``grow_headroom`` times the window's peak KV demand when that demand
         is beyond the current capacity (never at or above ``ceiling``, never beyond the host limit)."""
-        wanted = max(s.blocks_in_use if s.blocks_wanted is None else s.blocks_wanted for s, _, _ in window)
+        wanted = max(s.wanted for s, _, _ in window)
         target = self.m + 1
         if wanted > self.geometry.capacity_blocks(self.m):
             need = self.required_layers_on_host(math.ceil(self.config.grow_headroom * wanted))
@@ -206,10 +205,14 @@ class ExpansionController:
             self.num_shrinks += 1
         self._previous_m, self.m = self.m, m
         self.last_decision = f"m -> {m}: {reason}"
+        self._reset_evidence()
+        return m
+
+    def _reset_evidence(self) -> None:
+        """After a change of m or of the pool: the window restarts and a cooldown skips the transition."""
         self._recent.clear()
         self._idle.clear()
         self._cooldown = self.config.cooldown
-        return m
 
     def reject(self, m: int) -> int:
         """The engine could not apply ``m`` (e.g. host allocation failed) and stays where it was: a larger m is
@@ -238,9 +241,7 @@ class ExpansionController:
         if m != self.m:
             self._previous_m, self.m = self.m, m
         self.last_decision = f"device pool resized to {geometry.pool_blocks} layer-blocks at m = {m}"
-        self._recent.clear()
-        self._idle.clear()
-        self._cooldown = self.config.cooldown
+        self._reset_evidence()
 
     # -------------------------------------------------------------------------------------------- reporting
     @property
@@ -270,7 +271,7 @@ class ExpansionController:
             "last_decision": self.last_decision, "ceiling": None if self._ceiling is None else self._ceiling[0],
             "transparent_limit": self.transparent_limit, "num_grows": self.num_grows,
             "num_shrinks": self.num_shrinks, "baseline_samples": self.baseline.num_samples,
-            "baseline_error": self.baseline.error(cfg.baseline_min_held_out),
+            "baseline_error": self.baseline.error(),
             "peak_blocks": self.peak_blocks, "host_memory_limit": self.host_memory_limit,
             "recommended_host_memory_bytes": self.recommended_host_memory_bytes,
             "recommended_gpu_memory_bytes": self.recommended_gpu_memory_bytes,

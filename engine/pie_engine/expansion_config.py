@@ -23,6 +23,11 @@ class IterationSample:
     blocks_wanted: int | None = None  # blocks_in_use plus what the waiting queue needs; None: blocks_in_use
     excess_seconds: float | None = None  # swapping's cost measured inside the step (kv_swap.py); None: unknown
 
+    @property
+    def wanted(self) -> int:
+        """KV blocks per layer the step's requests want: ``blocks_wanted``, else ``blocks_in_use``."""
+        return self.blocks_in_use if self.blocks_wanted is None else self.blocks_wanted
+
 
 @dataclass(frozen=True)
 class ControllerConfig:

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from itertools import islice
 
 import torch
 
@@ -135,13 +136,14 @@ class ExpansionRuntime:
             return []
         sched, bm = self.scheduler, self.block_manager
         room = max(0, self.config.max_num_seqs - sched.num_running)
-        waiting_blocks = sum(bm.blocks_needed(s.num_tokens) for s in list(sched.waiting)[:room])
+        waiting_blocks = sum(bm.blocks_needed(s.num_tokens) for s in islice(sched.waiting, room))
+        used = bm.max_used_block_id + 1
         sample = IterationSample(
             iteration_seconds=iteration_seconds, stall_seconds=self.swap.last_step_stall_seconds,
             num_tokens=plan.num_batched_tokens,
             context_tokens=self.context_tokens(plan),
             num_waiting=sched.num_waiting, num_preempted=len(plan.preempted),
-            blocks_in_use=bm.max_used_block_id + 1, blocks_wanted=bm.max_used_block_id + 1 + waiting_blocks,
+            blocks_in_use=used, blocks_wanted=used + waiting_blocks,
             excess_seconds=self.swap.last_step_excess_seconds)
         m = self.controller.update(sample)
         return self.apply(m) if m != self.swap.layers_on_host else []

@@ -225,7 +225,7 @@ class LayerSwapKVCache(KVCache):
             raise RuntimeError(f"begin_layer({layer}) out of order (expected layer {self._next_layer} inside a step)")
         self.engine.mark()
         slot = self._slot_of[layer]
-        if layer in self.schedule.host_backed:
+        if layer in self.schedule.host_backed_set:
             pending = self._pending.pop(layer, None)
             if pending is None:
                 raise RuntimeError(f"no swap-in was issued for host-backed layer {layer}")
@@ -244,7 +244,7 @@ class LayerSwapKVCache(KVCache):
         slot = self._slot_of[layer]
         if self.trace is not None:
             self.trace.record("compute_end", layer, slot)
-        if layer not in self.schedule.host_backed:
+        if layer not in self.schedule.host_backed_set:
             return
         wb = self.engine.write_back(self._views[slot], self._host[layer], self._slots_dev, self._slots_cpu,
                                     layer=layer, slot=slot)

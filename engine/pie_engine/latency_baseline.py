@@ -59,6 +59,10 @@ class _Miss:
     def add(self, miss: float, decay: float) -> None:
         self.total, self.weight, self.count = decay * self.total + miss, decay * self.weight + 1.0, self.count + 1
 
+    @property
+    def mean(self) -> float:
+        return self.total / self.weight
+
 
 class LatencyBaseline:
     """Exponentially weighted linear model of no-swap iteration seconds."""
@@ -101,15 +105,11 @@ class LatencyBaseline:
         self._ctx_range = (min(self._ctx_range[0], context_tokens), max(self._ctx_range[1], context_tokens))
         self._coef = None
 
-    @property
-    def num_held_out(self) -> int:
-        return self._miss.count
-
     def error(self, min_held_out: int | None = None) -> float | None:
         """Mean absolute relative error of held-out predictions (see module docstring); None before
         ``min_held_out`` of them (default: the constructor's)."""
         need = self.min_held_out if min_held_out is None else min_held_out
-        return self._miss.total / self._miss.weight if self._miss.count >= need else None
+        return self._miss.mean if self._miss.count >= need else None
 
     def reference(self, num_tokens: int, context_tokens: int = 0) -> tuple[float, float] | None:
         """(expected no-swap seconds, the error to allow for) at a load like one it has been tested on (a held-out
@@ -118,7 +118,7 @@ class LatencyBaseline:
         miss = self._bucket_miss.get(load_bucket(num_tokens, context_tokens))
         if miss is None or (err := self.error()) is None or (pred := self.predict(num_tokens, context_tokens)) is None:
             return None
-        return pred, max(err, miss.total / miss.weight)
+        return pred, max(err, miss.mean)
 
     def predict(self, num_tokens: int, context_tokens: int = 0) -> float | None:
         """Expected no-swap seconds, or None when the model has too few samples or would extrapolate far.

@@ -15,6 +15,7 @@ See docs/pie.md for why the slots are laid out this way.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 def spread_layers(num_layers: int, count: int) -> tuple[int, ...]:
@@ -49,8 +50,17 @@ class SwapSchedule:
     def num_slots(self) -> int:
         return self.num_layers - self.layers_on_host
 
+    @cached_property
+    def host_backed_set(self) -> frozenset[int]:
+        """``host_backed`` for O(1) membership: it is checked per layer of every step."""
+        return frozenset(self.host_backed)
+
+    @cached_property
+    def _rotation_index(self) -> dict[int, int]:
+        return {layer: j for j, layer in enumerate(self.host_backed)}
+
     def is_host_backed(self, layer: int) -> bool:
-        return layer in self.host_backed
+        return layer in self.host_backed_set
 
     def slot(self, layer: int, phase: int = 0) -> int:
         """Device slot of ``layer`` in a step whose rotation phase is ``phase``."""
@@ -72,9 +82,9 @@ class SwapSchedule:
         Full rotation (k = S, all n layers host-backed) gives the paper's rule: layer (l + n - m) mod n.
         None for resident layers.
         """
-        if not self.is_host_backed(layer):
+        if (j := self._rotation_index.get(layer)) is None:
             return None
-        nxt = self.host_backed.index(layer) + self.num_staging
+        nxt = j + self.num_staging
         h = len(self.host_backed)
         return self.host_backed[nxt % h], nxt >= h
 
@@ -90,8 +100,9 @@ class SwapSchedule:
         n = self.num_layers
         if not self.host_backed or len(layer_periods) < n:
             return None
-        hb = [layer_periods[i] for i in range(n - 1) if i in self.host_backed]
-        res = [layer_periods[i] for i in range(n - 1) if i not in self.host_backed]
+        hb_set = self.host_backed_set
+        hb = [layer_periods[i] for i in range(n - 1) if i in hb_set]
+        res = [layer_periods[i] for i in range(n - 1) if i not in hb_set]
         if not hb or not res:
             return None
         return len(self.host_backed) * (sum(hb) / len(hb) - sum(res) / len(res))

@@ -297,7 +297,6 @@ void pie_cw_wait(pie_cw *cw, int d, uint64_t seq) {
 /* Address of completed[0..3): Python polls it without a call. */
 volatile uint64_t *pie_cw_counters(pie_cw *cw) { return cw->completed; }
 
-uint64_t pie_cw_completed(pie_cw *cw, int d) { return cw->completed[d & 1]; }
 
 uint64_t pie_cw_copy_ns(pie_cw *cw, int d) {
     pthread_mutex_lock(&cw->mu);

@@ -78,7 +78,6 @@ def create_app(engine: LLMEngine, *, max_waiting_requests: int | None = None, ad
     app.state.engine = engine
     app.state.async_engine = async_engine
     app.state.metrics = metrics
-    app.state.admin_token = admin_token  # for admin endpoints added by the Pie issue
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
