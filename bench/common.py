@@ -38,7 +38,7 @@ def setup_torch() -> None:
 
 def bench_model(arch: str = "llama") -> Path:
     """Build (once) the benchmark checkpoint in the cache outside the checkout ($PIE_CACHE/bench-models)."""
-    from pie_engine.make_test_model import make_test_model
+    from pie_engine.models.test_model import make_test_model
 
     tag = "-".join(f"{k}{v}" for k, v in MODEL_KW.items())
     cache = Path(os.environ.get("PIE_CACHE", Path.home() / ".cache" / "pie"))

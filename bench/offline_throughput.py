@@ -38,17 +38,17 @@ SCENARIOS = {
 
 def make_engine(path: Path, max_num_seqs: int):
     from pie_engine.config import EngineConfig
-    from pie_engine.engine import LLMEngine
-    from pie_engine.sampling_params import SamplingParams
+    from pie_engine.core.sampling_params import SamplingParams
+    from pie_engine.factory import create_engine
 
-    engine = LLMEngine(EngineConfig(model=str(path), device="cpu", dtype="float32", max_num_seqs=max_num_seqs,
+    engine = create_engine(EngineConfig(model=str(path), device="cpu", dtype="float32", max_num_seqs=max_num_seqs,
                                     max_num_batched_tokens=2048))
     engine.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
     return engine
 
 
 def run_engine(engine, reqs: list[Request]) -> tuple[float, list[list[int]]]:
-    from pie_engine.sampling_params import SamplingParams
+    from pie_engine.core.sampling_params import SamplingParams
 
     params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
     start = time.perf_counter()

@@ -49,7 +49,7 @@ def setup_threads() -> int:
 
 def pie_model() -> Path:
     """The Pie benchmark checkpoint, built once in the cache outside the checkout ($PIE_CACHE/bench-models)."""
-    from pie_engine.make_test_model import make_test_model
+    from pie_engine.models.test_model import make_test_model
 
     tag = "-".join(f"{k}{v}" for k, v in PIE_MODEL_KW.items())
     out = Path(os.environ.get("PIE_CACHE", Path.home() / ".cache" / "pie")) / "bench-models" / f"llama-{tag}"
@@ -139,15 +139,15 @@ def run_offline(label: str, reqs: list[Request], budget_bytes: int | None, expan
     """Serve ``reqs`` (all arriving at once) to completion on a fresh engine; greedy, EOS ignored. ``replay``:
     re-run every forward pass on a no-swap shadow runner (pie_replay.py) to measure the latency overhead."""
     from pie_engine.config import EngineConfig
-    from pie_engine.engine import LLMEngine
-    from pie_engine.sampling_params import SamplingParams
+    from pie_engine.core.sampling_params import SamplingParams
+    from pie_engine.factory import create_engine
 
     config = EngineConfig(model=str(pie_model()), device="cpu", dtype="float32", block_size=BLOCK_SIZE,
                           max_num_seqs=256, max_num_batched_tokens=1024, expansion=expansion,
                           gpu_memory_budget=None if budget_bytes is None else str(budget_bytes), **cfg)
     if budget_bytes is None:  # unlimited: the whole workload fits at once
         config.gpu_memory_budget = str(2 * workload_kv_bytes(reqs))
-    engine = LLMEngine(config)
+    engine = create_engine(config)
     engine.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
     records: list[Iteration] = []
     kv = engine.runner.kv_cache
@@ -160,15 +160,16 @@ def run_offline(label: str, reqs: list[Request], budget_bytes: int | None, expan
 
     def observe(plan, seconds: float) -> None:
         now = engine_cpu()
-        records.append(Iteration(seconds, now - last_cpu[0], plan.num_batched_tokens, engine.pie.context_tokens(plan),
+        records.append(Iteration(seconds, now - last_cpu[0], plan.num_batched_tokens,
+                                 engine.kv_runtime.context_tokens(plan),
                                  getattr(kv, "layers_on_host", 0), getattr(kv, "last_step_stall_seconds", 0.0),
                                  getattr(kv, "last_step_excess_seconds", None)))
         last_cpu[0] = now
 
-    engine.pie.observers.append(observe)
+    engine.kv_runtime.observers.append(observe)
     decisions: list[str] = []  # the controller's changes of m, with its reason (logged by expansion_runtime)
     handler = _ListHandler(decisions, lambda: len(records))
-    log = logging.getLogger("pie_engine.expansion_runtime")
+    log = logging.getLogger("pie_engine.pie.runtime")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     # The controller sees what the benchmark reports: the critical path, not wall time disturbed by other jobs.
@@ -177,24 +178,24 @@ def run_offline(label: str, reqs: list[Request], budget_bytes: int | None, expan
     def critical_path() -> float:
         return engine_cpu() + (copies.stall_seconds_total if copies is not None else 0.0)
 
-    engine.pie.set_clock(critical_path)
+    engine.kv_runtime.set_clock(critical_path)
     shadow = None
     if replay:  # big enough for any block id at any m: n times the budget (m = n - 1)
-        from pie_engine.model_runner import ModelRunner
+        from pie_engine.runner.model_runner import ModelRunner
 
         shadow_budget = PIE_MODEL_KW["layers"] * int(config.gpu_memory_budget)
         shadow = ModelRunner(replace(config, expansion="off", gpu_memory_budget=str(shadow_budget)))
     recorder = ForwardRecorder(engine.runner, critical_path, shadow)
-    before = engine.pie.state()
+    before = engine.kv_runtime.state()
     params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
     preempt0 = engine.scheduler.num_preemptions_total
     start, cpu0 = time.perf_counter(), engine_cpu()
     last_cpu[0] = cpu0
     outs = engine.generate([r.prompt_token_ids for r in reqs], params)
     elapsed, cpu = time.perf_counter() - start - recorder.shadow_wall_total, engine_cpu() - cpu0
-    after = engine.pie.state()
+    after = engine.kv_runtime.state()
     log.removeHandler(handler)
-    engine.pie.close()
+    engine.kv_runtime.close()
     if len(recorder.steps) != len(records):
         raise RuntimeError(f"{len(recorder.steps)} forward passes for {len(records)} iterations")
     for it, step in zip(records, recorder.steps, strict=True):
@@ -230,7 +231,7 @@ def best_of(configs: dict[str, tuple], reqs: list[Request], repeats: int) -> dic
 
 def fit_baseline(ideal: RunResult):
     """The engine's no-swap latency model, fitted on every iteration of a no-swap run."""
-    from pie_engine.latency_baseline import LatencyBaseline
+    from pie_engine.pie.latency_baseline import LatencyBaseline
 
     base = LatencyBaseline(decay=1.0, min_samples=8, extrapolation=4.0)
     for it in ideal.iterations:

@@ -1,6 +1,6 @@
 """Render docs/crd-reference.md from crds/piedeployments.pie.io.yaml (the schema is the single source of truth).
 
-``python docs/gen_crd_reference.py`` rewrites the file; tests/unit/test_docs.py fails when it is out of date.
+``python docs/gen_crd_reference.py`` rewrites the file; tests/unit/project/test_docs.py fails when it is out of date.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 
     def make(arch: str = "llama", **kw: Any) -> Path:
         # Imported lazily: operator-only test runs must not pay for torch.
-        from pie_engine.make_test_model import make_test_model
+        from pie_engine.models.test_model import make_test_model
 
         key = arch + json.dumps(kw, sort_keys=True, default=str)
         if key not in cache:

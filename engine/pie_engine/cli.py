@@ -49,7 +49,7 @@ def _exit_quietly(signum: int, frame: object) -> None:
 
 
 def _check_expansion(value: str) -> None:
-    from pie_engine.expansion_config import parse_expansion
+    from pie_engine.pie.controller_config import parse_expansion
 
     try:
         parse_expansion(value)
@@ -119,7 +119,7 @@ def serve(
         host_memory_limit=host_memory_limit, swap_staging_slots=swap_staging_slots,
         expansion_epsilon=expansion_epsilon, expansion_grow_overhead=expansion_grow_overhead,
         expansion_window=expansion_window, expansion_cooldown=expansion_cooldown)
-    from pie_engine.expansion_runtime import controller_config_from
+    from pie_engine.pie.runtime import controller_config_from
 
     try:
         controller_config_from(config)
@@ -128,11 +128,11 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    from pie_engine.engine import LLMEngine
+    from pie_engine.factory import create_engine
     from pie_engine.server.app import create_app
 
     try:
-        engine = LLMEngine(config)
+        engine = create_engine(config)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(f"cannot load the model: {e}")
     fastapi_app = create_app(engine, admin_token=admin_token)
@@ -154,7 +154,7 @@ def make_test_model_cmd(
     shards: int = typer.Option(1, min=1, help="number of safetensors files"),
 ) -> None:
     """Write a small random-weight HF-format checkpoint (for tests, demos and benchmarks)."""
-    from pie_engine.make_test_model import make_test_model
+    from pie_engine.models.test_model import make_test_model
 
     heads = 4 if hidden % 4 == 0 else 1
     try:

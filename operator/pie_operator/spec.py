@@ -1,8 +1,9 @@
 """Pydantic models of the PieDeployment spec, plus quantity helpers.
 
 The CRD (crds/piedeployments.pie.io.yaml) validates at admission; these models re-validate in the operator and carry
-the SAME defaults (tests/unit/test_crd.py checks that the CRD's defaulting and these defaults agree), so the operator
-behaves identically whether or not the apiserver applied the defaults (e.g. a spec read from an older object).
+the SAME defaults (tests/unit/operator/test_crd.py checks that the CRD's defaulting and these defaults agree), so
+the operator behaves identically whether or not the apiserver applied the defaults (e.g. a spec read from an older
+object).
 """
 
 from __future__ import annotations

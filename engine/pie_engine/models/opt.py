@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pie_engine.attention import Attention, AttentionMetadata
-from pie_engine.kv_cache import KVCache
+from pie_engine.kv.cache import KVCache
 from pie_engine.models.layers import activation
 from pie_engine.models.linear import MergedLinear, linear
 from pie_engine.models.model_config import ModelConfig
+from pie_engine.runner.attention import Attention, AttentionMetadata
 
 # HF's OPTLearnedPositionalEmbedding reserves the first two rows (a fairseq padding convention).
 POSITION_OFFSET = 2

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pie_engine.engine import LLMEngine
+from pie_engine.core.engine import LLMEngine
 from pie_engine.server.async_engine import AsyncEngine
 from pie_engine.server.metrics import ServerMetrics
 from pie_engine.server.pie_routes import add_pie_routes

@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from pie_engine.engine import EngineStats, LLMEngine
-from pie_engine.output_processor import RequestOutput
-from pie_engine.sampling_params import SamplingParams
+from pie_engine.core.engine import EngineStats, LLMEngine
+from pie_engine.core.output_processor import RequestOutput
+from pie_engine.core.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import json
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from pie_engine.engine import LLMEngine
-from pie_engine.expansion_runtime import BudgetError, NeedsRestartError
+from pie_engine.core.engine import LLMEngine
+from pie_engine.pie.runtime import BudgetError, NeedsRestartError
 from pie_engine.server.async_engine import AsyncEngine, EngineUnavailableError
 from pie_engine.server.serving import ApiError
 
@@ -58,7 +58,7 @@ def add_pie_routes(app: FastAPI, engine: LLMEngine, async_engine: AsyncEngine, a
     @app.get("/v1/pie/expansion")
     async def expansion_state() -> JSONResponse:
         # Read off the engine thread: every value is a plain number replaced atomically (swap_metrics.py).
-        return JSONResponse(engine.pie.state())
+        return JSONResponse(engine.kv_runtime.state())
 
     @app.post(ADMIN_PATH)
     async def set_gpu_memory_budget(request: Request) -> JSONResponse:
@@ -67,7 +67,7 @@ def add_pie_routes(app: FastAPI, engine: LLMEngine, async_engine: AsyncEngine, a
         if not async_engine.accepting:
             raise ApiError(503, "shutting down", "service_unavailable")
         try:
-            result = await async_engine.run_in_engine(lambda e: e.pie.set_device_kv_budget(budget))
+            result = await async_engine.run_in_engine(lambda e: e.kv_runtime.set_device_kv_budget(budget))
         except BudgetError as e:
             raise ApiError(400, str(e), "invalid_request_error", param="bytes", code="invalid_value") from None
         except NeedsRestartError as e:

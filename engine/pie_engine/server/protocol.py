@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pie_engine.sampling_params import SamplingParams
+from pie_engine.core.sampling_params import SamplingParams
 
 
 def random_id(prefix: str) -> str:

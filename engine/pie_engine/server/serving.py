@@ -11,7 +11,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from pie_engine.sampling_params import SamplingParams
+from pie_engine.core.sampling_params import SamplingParams
 from pie_engine.server.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError, RequestGroup
 from pie_engine.server.protocol import ErrorInfo, ErrorResponse
 

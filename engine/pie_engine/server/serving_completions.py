@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from pie_engine.output_processor import RequestOutput
+from pie_engine.core.output_processor import RequestOutput
 from pie_engine.server.async_engine import RequestGroup
 from pie_engine.server.protocol import (
     CompletionChoice,
