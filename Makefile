@@ -17,7 +17,7 @@ help:
 	@echo "make demo       local control plane + operator + engine on a tiny model"
 	@echo "make demo-down  stop everything the demo started"
 	@echo "make test       unit tests, then end-to-end tests on a real local control plane"
-	@echo "make lint       ruff"
+	@echo "make lint       ruff, import-linter (package boundaries), mypy"
 	@echo "make bench      benchmarks (JSON + PNG under bench/results)"
 
 venv: $(DEPS_STAMP)
@@ -33,7 +33,7 @@ k8s: venv
 	$(PY) tests/cluster/build.py
 
 test: venv k8s
-	$(PY) -m ruff check engine operator tests bench docs
+	$(MAKE) lint
 	$(MAKE) test-unit
 	$(MAKE) test-e2e
 
@@ -43,8 +43,11 @@ test-unit: venv
 test-e2e: venv k8s
 	$(PYTEST) -m e2e -q tests
 
+# ruff for style, import-linter for the package boundaries ([tool.importlinter]), mypy for types ([tool.mypy]).
 lint: venv
 	$(PY) -m ruff check engine operator tests bench docs
+	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
 
 demo: venv k8s
 	$(PY) -m tests.cluster.demo up

@@ -131,13 +131,13 @@ class LLMEngine:
         token_ids = [self.tokenize(p) for p in prompts]
         for ids, sp in zip(token_ids, plist, strict=True):
             self.validate(ids, sp)  # all before any is queued: a bad prompt leaves nothing behind
-        ids = [self.add_request(None, p, sp).request_id for p, sp in zip(token_ids, plist, strict=True)]
+        request_ids = [self.add_request(None, p, sp).request_id for p, sp in zip(token_ids, plist, strict=True)]
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
             for out in self.step():
                 if out.finished:
                     final[out.request_id] = out
-        return [final[i] for i in ids]
+        return [final[i] for i in request_ids]
 
     # ------------------------------------------------------------------------------------------- metrics
     def stats(self) -> EngineStats:

@@ -76,7 +76,7 @@ class Sampler:
         # NOTE: logprobs of the model's raw distribution (before temperature / top-k / top-p), as vLLM reports.
         lp = torch.log_softmax(logits[rows], dim=-1)
         k = max(params[i].logprobs or 0 for i in rows)
-        top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
+        top_v, top_i = lp.topk(k, dim=-1)  # k = 0 (logprobs=0 everywhere): empty, never read
         for r, i in enumerate(rows):
             d = {ids[i]: float(lp[r, ids[i]])}
             n = params[i].logprobs or 0

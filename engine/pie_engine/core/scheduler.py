@@ -161,8 +161,9 @@ class Scheduler:
             if not s.sample:
                 continue
             token = int(sampled_token_ids[j])
-            if logprobs is not None and logprobs[j] is not None:
-                seq.output_logprobs.append(logprobs[j])
+            top = logprobs[j] if logprobs is not None else None
+            if top is not None:
+                seq.output_logprobs.append(top)
             j += 1
             if not seq.output_token_ids:
                 self.num_prompt_tokens_total += seq.num_prompt_tokens

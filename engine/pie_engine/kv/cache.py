@@ -1,9 +1,10 @@
 """Where each layer's KV lives during a forward pass.
 
 The model calls ``begin_layer(l)`` right before layer l's attention and ``end_layer(l)`` right after it. With
-expansion off, every layer owns a device tensor and both calls are trivial. With Pie swapping (kv_swap.py), the
-same two calls are where the forward pass waits for a prefetched layer and where a finished layer is written back
-and its slot refilled, so the model code never knows whether KV is swapped.
+expansion off, every layer owns a device tensor and both calls are trivial. With Pie swapping
+(``pie/swap_cache.py``), the same two calls are where the forward pass waits for a prefetched layer and where a
+finished layer is written back and its slot refilled, so the model code never knows whether KV is swapped. Models
+see only those two calls (``kv/layer.py``); the step calls take the core's ``StepPlan``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import astuple, dataclass
 import torch
 
 from pie_engine.core.plan import StepPlan
+from pie_engine.kv.layer import LayerKV
 
 
 def kv_block_bytes(block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -38,7 +40,7 @@ class KVSpec:
         return astuple(self)
 
 
-class KVCache(ABC):
+class KVCache(LayerKV, ABC):
     """Per-layer paged KV storage.
 
     Layer tensor layout: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (0 = K, 1 = V); slot
@@ -65,14 +67,6 @@ class KVCache(ABC):
                    slot_mapping_cpu: torch.Tensor | None = None) -> None:
         """Called once before the forward pass. ``slot_mapping`` [num_tokens]: where this step writes new KV (on
         the device); ``slot_mapping_cpu``: the same on the CPU, if the caller has it (saves a device sync)."""
-
-    @abstractmethod
-    def begin_layer(self, layer: int) -> torch.Tensor:
-        """Return layer ``layer``'s KV tensor, ready to read and write (may wait for a swap-in)."""
-
-    @abstractmethod
-    def end_layer(self, layer: int) -> None:
-        """Layer ``layer`` finished reading/writing its KV this step."""
 
     @abstractmethod
     def end_step(self) -> None:

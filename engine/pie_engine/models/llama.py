@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pie_engine.kv.cache import KVCache
+from pie_engine.kv.layer import LayerKV
+from pie_engine.models.base import CausalLM
 from pie_engine.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
 from pie_engine.models.linear import MergedLinear, linear
 from pie_engine.models.model_config import ModelConfig
@@ -30,7 +31,7 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                kv: KVCache) -> torch.Tensor:
+                kv: LayerKV) -> torch.Tensor:
         num_tokens = h.shape[0]
         qk, v = self.qkv_proj(h).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # q and k heads rotated in one pass (the same per-element math as rotating each: bit-identical).
@@ -66,7 +67,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                kv: KVCache) -> torch.Tensor:
+                kv: LayerKV) -> torch.Tensor:
         # HF's order of residual adds, kept literally so float32 results match bit for bit where possible.
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -80,14 +81,12 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """``forward`` over flattened varlen tokens -> final hidden states; ``compute_logits`` for selected rows."""
 
-    # checkpoint sub-module name -> (fused module name, part index)
     packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-    # checkpoint tensors that are not weights of this model (old checkpoints saved rotary buffers)
-    ignored_weight_suffixes = ("rotary_emb.inv_freq",)
+    ignored_weight_suffixes = ("rotary_emb.inv_freq",)  # old checkpoints saved rotary buffers
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -101,11 +100,8 @@ class LlamaForCausalLM(nn.Module):
     def tied_weight_names(self) -> tuple[str, ...]:
         return ("lm_head.weight",) if self.config.tie_word_embeddings else ()
 
-    def rename_weight(self, name: str) -> str:
-        return name
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv: KVCache) -> torch.Tensor:
+                kv: LayerKV) -> torch.Tensor:
         """input_ids [T], positions [T] -> hidden [T, hidden_size] (after the final norm)."""
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, h.dtype)  # once per step, shared by all layers

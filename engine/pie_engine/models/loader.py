@@ -7,9 +7,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch import nn
 
-from pie_engine.models import model_class
+from pie_engine.models import CausalLM, model_class
 from pie_engine.models.linear import MergedLinear, prepack_linears
 from pie_engine.models.model_config import ModelConfig
 
@@ -47,7 +46,7 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def _expected(model: nn.Module) -> dict[tuple[str, int | None], str]:
+def _expected(model: CausalLM) -> dict[tuple[str, int | None], str]:
     """(param name, part) -> checkpoint name, for every tensor the checkpoint must provide."""
     reverse = {v: k for k, v in model.packed_modules.items()}
     out: dict[tuple[str, int | None], str] = {}
@@ -63,7 +62,7 @@ def _expected(model: nn.Module) -> dict[tuple[str, int | None], str]:
     return out
 
 
-def _resolve(model: nn.Module, name: str) -> tuple[str, int | None]:
+def _resolve(model: CausalLM, name: str) -> tuple[str, int | None]:
     """Checkpoint tensor name -> (param name, part index for fused params)."""
     parts = name.split(".")
     for i, part in enumerate(parts):
@@ -79,7 +78,7 @@ def _listing(names: list[str], limit: int = 12) -> str:
 
 
 @torch.no_grad()
-def load_weights(model: nn.Module, model_dir: str | Path) -> None:
+def load_weights(model: CausalLM, model_dir: str | Path) -> None:
     """Copy every checkpoint tensor into ``model`` (converting dtype); ValueError naming missing/unexpected/misshaped
     tensors, so a wrong or truncated checkpoint never serves garbage."""
     params = dict(model.named_parameters())
@@ -99,7 +98,7 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                 if target not in params:
                     unexpected.append(raw_name)
                     continue
-                dst = params[target]
+                dst: torch.Tensor = params[target]
                 if part is not None:
                     module = model.get_submodule(target.rpartition(".")[0])
                     assert isinstance(module, MergedLinear)
@@ -123,7 +122,7 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
 
 
 def load_model(model_dir: str | Path, model_config: ModelConfig, dtype: torch.dtype,
-               device: torch.device) -> nn.Module:
+               device: torch.device) -> CausalLM:
     """Instantiate the architecture's class without initializing weights, then fill it from the checkpoint."""
     cls = model_class(model_config.architecture)
     with torch.device("meta"):  # no random init and no host copy: parameters are allocated once, on the device

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pie_engine.kv.cache import KVCache
+from pie_engine.kv.layer import LayerKV
+from pie_engine.models.base import CausalLM
 from pie_engine.models.layers import activation
 from pie_engine.models.linear import MergedLinear, linear
 from pie_engine.models.model_config import ModelConfig
@@ -32,7 +33,7 @@ class OPTAttention(nn.Module):
         # HF scales q after the projection and attends with scale 1.0; same order here.
         self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, 1.0)
 
-    def forward(self, h: torch.Tensor, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, meta: AttentionMetadata, kv: LayerKV) -> torch.Tensor:
         num_tokens, hidden = h.shape
         q, k, v = self.qkv_proj(h).split([hidden, hidden, hidden], dim=-1)
         q = (q * self.scaling).view(num_tokens, self.num_heads, self.head_dim)
@@ -58,7 +59,7 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(hidden, eps=cfg.layer_norm_eps, elementwise_affine=affine, dtype=dtype)
         self.act = activation(cfg.hidden_act)
 
-    def forward(self, h: torch.Tensor, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, meta: AttentionMetadata, kv: LayerKV) -> torch.Tensor:
         x = self.self_attn_layer_norm(h) if self.pre_ln else h
         h = h + self.self_attn(x, meta, kv)
         if not self.pre_ln:
@@ -93,11 +94,10 @@ class OPTModel(nn.Module):
         self.decoder = OPTDecoder(cfg, dtype)
 
 
-class OPTForCausalLM(nn.Module):
+class OPTForCausalLM(CausalLM):
     """``forward`` -> hidden [T, hidden_size]; ``compute_logits`` applies project_out (if any) and the tied head."""
 
     packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2)}
-    ignored_weight_suffixes = ()
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -116,7 +116,7 @@ class OPTForCausalLM(nn.Module):
         return "model." + name if name.startswith("decoder.") else name
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv: KVCache) -> torch.Tensor:
+                kv: LayerKV) -> torch.Tensor:
         """input_ids [T], positions [T] -> hidden [T, hidden_size] (after the final layer norm, if any)."""
         dec = self.model.decoder
         h = dec.embed_tokens(input_ids)

@@ -8,6 +8,7 @@ import re
 import torch
 
 from pie_engine.config import EngineConfig, parse_budget
+from pie_engine.kv.cache import kv_block_bytes as kv_spec_block_bytes
 from pie_engine.models.model_config import ModelConfig
 
 CPU_DEFAULT_KV_BUDGET = 256 * 2**20  # bytes of device KV on CPU when no budget is given
@@ -28,9 +29,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def kv_block_bytes(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one KV block of ONE layer (K and V)."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * block_size * model_config.num_key_value_heads * model_config.head_dim * elem
+    """Bytes of one KV block of ONE layer (K and V), for a model not yet loaded (no KVSpec yet)."""
+    return kv_spec_block_bytes(block_size, model_config.num_key_value_heads, model_config.head_dim, dtype)
 
 
 def _nvml_index(device: torch.device) -> int | str:
@@ -91,9 +91,9 @@ def num_blocks_for_budget(config: EngineConfig, model_config: ModelConfig, devic
         return config.num_device_blocks
     per_block = kv_block_bytes(model_config, config.block_size, dtype) * model_config.num_hidden_layers
     info = device_memory_info(device)
-    value = config.gpu_memory_budget
-    if value is None:
-        value = CPU_DEFAULT_KV_BUDGET if info is None else CUDA_DEFAULT_FRACTION
+    value: str | int = CPU_DEFAULT_KV_BUDGET if info is None else CUDA_DEFAULT_FRACTION
+    if config.gpu_memory_budget is not None:
+        value = config.gpu_memory_budget
     total = info[0] if info else None
     budget = parse_budget(value, total)
     if _is_fraction(value) and info is not None:

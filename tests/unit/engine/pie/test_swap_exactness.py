@@ -107,13 +107,15 @@ def test_adaptive_expansion_is_exact(tiny_model, arch: str) -> None:
     engine = make_engine(path, expansion="adaptive", expansion_window=2, expansion_cooldown=1)
     ctrl = engine.kv_runtime.controller
     assert ctrl is not None
-    # Timing on a shared CPU is noise at this size: thresholds this loose make the controller grow under demand
-    # deterministically, so the run really reconfigures (and preempts on the way) while it generates.
+    # Timing on a shared CPU is noise at this size: thresholds this loose let the controller grow under demand
+    # whatever the load, so the run really reconfigures while it generates. How many grows it takes, and when,
+    # depend on the timing: the test asserts only that the KV moved to the host mid-run and the output is exact.
     ctrl.config = dataclasses.replace(ctrl.config, epsilon=100.0, grow_overhead=50.0, grow_stall_fraction=1.0)
-    seen: set[int] = set()
-    out = run(engine, on_step=lambda e, i: seen.add(e.runner.kv_cache.layers_on_host))
+    seen: list[int] = []
+    out = run(engine, on_step=lambda e, i: seen.append(e.runner.kv_cache.layers_on_host))
     assert out == ref
-    assert ctrl.num_grows >= 2 and max(seen) >= 2, (ctrl.num_grows, seen)
+    assert seen[0] == 0 and max(seen) > 0, seen  # started unexpanded, expanded with requests in flight
+    assert engine.runner.kv_cache.stats().swap_in_bytes_total > 0
 
 
 @pytest.mark.parametrize("expansion", ["off", "6.0", "adaptive"])
