@@ -1,5 +1,5 @@
 """What the expansion controller is configured with and fed (pure data, no torch): the ``--expansion`` setting,
-the controller's thresholds, and the per-iteration sample the engine reports. The controller is expansion.py."""
+the controller's thresholds, and the per-iteration sample the engine reports. The controller is controller.py."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class IterationSample:
     num_preempted: int = 0  # preemptions this step
     blocks_in_use: int = 0  # per layer: max used block id + 1 (in use or prefix-cached)
     blocks_wanted: int | None = None  # blocks_in_use plus what the waiting queue needs; None: blocks_in_use
-    excess_seconds: float | None = None  # swapping's cost measured inside the step (kv_swap.py); None: unknown
+    excess_seconds: float | None = None  # swapping's cost measured inside the step (pipeline.py); None: unknown
 
     @property
     def wanted(self) -> int:

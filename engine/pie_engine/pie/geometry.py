@@ -110,7 +110,7 @@ class SwapSchedule:
 
 @dataclass(frozen=True)
 class SwapGeometry:
-    """Capacity arithmetic shared by the KV cache (kv_swap.py) and the controller (expansion.py)."""
+    """Capacity arithmetic shared by the KV cache (swap_cache.py) and the controller (controller.py)."""
 
     num_layers: int
     pool_blocks: int  # device pool size, in layer-blocks (= num_layers * blocks per layer at m = 0)

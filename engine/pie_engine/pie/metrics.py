@@ -43,9 +43,6 @@ _COUNTERS = {
     "pie_swap_stall_seconds": ("swap_stall_seconds_total", "Time compute waited for KV swap-ins"),
 }
 
-KVSource = KVCache | Callable[[], KVCache | None] | None
-
-
 def _gpu_memory(device: torch.device | None) -> tuple[int, int]:
     if device is None or device.type != "cuda":
         return 0, 0
@@ -55,27 +52,28 @@ def _gpu_memory(device: torch.device | None) -> tuple[int, int]:
 
 
 def expansion_state(kv_cache: KVCache | None, controller: ExpansionController | None = None,
-                    device: torch.device | None = None, blocks_in_use: Callable[[], int] | None = None) -> dict:
+                    device: torch.device | None = None, blocks_in_use: Callable[[], int] | None = None, *,
+                    swap: LayerSwapKVCache | None = None) -> dict:
     """Everything the metrics export, as JSON-able values (GET /v1/pie/expansion).
 
-    Works for any KVCache: without swapping (DeviceKVCache) the ratio is 1 and the host figures are 0.
-    ``blocks_in_use``: the block manager's blocks in use NOW; without it host KV use is the last step's, which an
-    idle engine would keep reporting after its requests finished.
+    ``swap``: the swapping cache when ``kv_cache`` is one (its figures are exported), else None: any KVCache
+    without swapping has ratio 1 and no host KV. ``blocks_in_use``: the block manager's blocks in use NOW; without
+    it host KV use is the last step's, which an idle engine would keep reporting after its requests finished.
     """
     state: dict = {"mode": "off", "layers_on_host": 0, "expansion_ratio": 1.0, "device_kv_capacity_bytes": 0,
                    "host_kv_capacity_bytes": 0, "host_kv_used_bytes": 0, "swap_in_bytes_total": 0,
                    "swap_out_bytes_total": 0, "swap_stall_seconds_total": 0.0, "last_step_stall_seconds": 0.0,
                    "last_step_copy_seconds": 0.0, "recommended_host_memory_bytes": 0,
                    "recommended_gpu_memory_bytes": 0}
-    if isinstance(kv_cache, LayerSwapKVCache):
+    if swap is not None:
         state["mode"] = "static"  # swapping without a controller: a fixed m
-        stats = kv_cache.stats()
+        stats = swap.stats()
         state.update(vars(stats))
         if blocks_in_use is not None:
-            hosted = kv_cache.geometry.num_host_backed(stats.layers_on_host)
-            state["host_kv_used_bytes"] = min(blocks_in_use(), stats.num_blocks) * kv_cache.block_bytes * hosted
-        state["num_layers"] = kv_cache.num_layers
-        state["host_memory_limit"] = kv_cache.host_memory_limit
+            hosted = swap.geometry.num_host_backed(stats.layers_on_host)
+            state["host_kv_used_bytes"] = min(blocks_in_use(), stats.num_blocks) * swap.block_bytes * hosted
+        state["num_layers"] = swap.num_layers
+        state["host_memory_limit"] = swap.host_memory_limit
     elif kv_cache is not None:
         state["num_layers"], state["num_blocks"] = kv_cache.num_layers, kv_cache.num_blocks
         state["device_kv_capacity_bytes"] = kv_cache.num_layers * kv_cache.num_blocks * kv_cache.block_bytes
@@ -94,9 +92,10 @@ class SwapMetrics(Collector):
     """Collector of the Pie metrics (register it in a CollectorRegistry, or append ``collectors`` to
     ``LLMEngine.metrics_collectors``). Call ``observe_iteration(seconds)`` after every engine iteration."""
 
-    def __init__(self, kv_cache: KVSource, controller: ExpansionController | None = None,
-                 device: torch.device | None = None, blocks_in_use: Callable[[], int] | None = None) -> None:
-        self._kv, self.controller, self.device = kv_cache, controller, device
+    def __init__(self, kv_cache: KVCache | None, controller: ExpansionController | None = None,
+                 device: torch.device | None = None, blocks_in_use: Callable[[], int] | None = None, *,
+                 swap: LayerSwapKVCache | None = None) -> None:
+        self.kv_cache, self.swap, self.controller, self.device = kv_cache, swap, controller, device
         self.blocks_in_use = blocks_in_use
         self.iteration_seconds = Histogram("pie_iteration_seconds", "Engine iteration (step) time",
                                            buckets=ITERATION_BUCKETS, registry=None)
@@ -105,14 +104,11 @@ class SwapMetrics(Collector):
     def collectors(self) -> list[Collector]:
         return [self, self.iteration_seconds]
 
-    def kv_cache(self) -> KVCache | None:
-        return self._kv() if callable(self._kv) else self._kv
-
     def observe_iteration(self, seconds: float) -> None:
         self.iteration_seconds.observe(seconds)
 
     def state(self) -> dict:
-        return expansion_state(self.kv_cache(), self.controller, self.device, self.blocks_in_use)
+        return expansion_state(self.kv_cache, self.controller, self.device, self.blocks_in_use, swap=self.swap)
 
     def describe(self) -> Iterator[Metric]:
         for name, (_, doc) in _GAUGES.items():
@@ -128,11 +124,11 @@ class SwapMetrics(Collector):
             yield CounterMetricFamily(name, doc, value=float(state[key]))
 
 
-def register_swap_metrics(registry: CollectorRegistry, kv_cache: KVSource,
-                          controller: ExpansionController | None = None,
-                          device: torch.device | None = None) -> SwapMetrics:
+def register_swap_metrics(registry: CollectorRegistry, kv_cache: KVCache | None,
+                          controller: ExpansionController | None = None, device: torch.device | None = None, *,
+                          swap: LayerSwapKVCache | None = None) -> SwapMetrics:
     """Register the Pie metrics into ``registry``; returns the object to feed iteration times to."""
-    metrics = SwapMetrics(kv_cache, controller, device)
+    metrics = SwapMetrics(kv_cache, controller, device, swap=swap)
     for c in metrics.collectors:
         registry.register(c)
     return metrics

@@ -30,7 +30,6 @@ from pie_engine.kv.device_cache import DeviceKVCache
 from pie_engine.kv.runtime import BudgetError, KVRuntime, NeedsRestartError
 from pie_engine.pie.controller import ExpansionController
 from pie_engine.pie.controller_config import ControllerConfig, IterationSample
-from pie_engine.pie.copy.base import HostTimedCopyEngine
 from pie_engine.pie.metrics import SwapMetrics
 from pie_engine.pie.swap_cache import LayerSwapKVCache
 
@@ -45,24 +44,29 @@ def controller_config_from(config: EngineConfig) -> ControllerConfig:
 
 
 class ExpansionRuntime(KVRuntime):
-    """Owns the controller decision loop; a no-op (metrics only) when the cache does not swap."""
+    """Owns the controller decision loop; a no-op (metrics and live budget changes only) when the cache does not
+    swap. Built around exactly one of ``swap`` (the swapping cache) and ``unswapped`` (expansion off)."""
 
-    def __init__(self, kv_cache: KVCache, scheduler: Scheduler, config: EngineConfig,
-                 device: torch.device | None = None, controller_config: ControllerConfig | None = None) -> None:
-        self.kv = kv_cache
+    def __init__(self, scheduler: Scheduler, config: EngineConfig, device: torch.device | None = None,
+                 controller_config: ControllerConfig | None = None, *, swap: LayerSwapKVCache | None = None,
+                 unswapped: DeviceKVCache | None = None) -> None:
+        kv: KVCache | None = swap if swap is not None else unswapped
+        if kv is None or (swap is not None and unswapped is not None):
+            raise ValueError("ExpansionRuntime manages exactly one cache: the swapping one or the device one")
+        self.kv: KVCache = kv
+        self.swap, self.unswapped = swap, unswapped
         self.scheduler = scheduler
         self.block_manager = scheduler.block_manager
         self.config = config
         self.controller: ExpansionController | None = None
-        self.swap: LayerSwapKVCache | None = kv_cache if isinstance(kv_cache, LayerSwapKVCache) else None
         if self.swap is not None:
             self.controller = ExpansionController.from_setting(config.expansion, self.swap.geometry,
                                                                self.swap.host_memory_limit,
                                                                controller_config or controller_config_from(config))
             self.apply(self.controller.m)
         # Blocks in use read at scrape time (off the engine thread: two list lengths, no mutation).
-        self.metrics = SwapMetrics(kv_cache, self.controller, device,
-                                   blocks_in_use=lambda: self.block_manager.num_used_blocks)
+        self.metrics = SwapMetrics(kv, self.controller, device,
+                                   blocks_in_use=lambda: self.block_manager.num_used_blocks, swap=swap)
         # Called with (plan, iteration_seconds) after every step, before the controller decides (benchmarks).
         self.observers: list[Callable[[StepPlan, float], None]] = []
         # What LLMEngine.step times iterations with (set it with ``set_clock``).
@@ -73,8 +77,8 @@ class ExpansionRuntime(KVRuntime):
         time: a benchmark on a machine shared with other jobs uses the engine thread's CPU time plus swap stalls
         (bench/pie_common.py), so the controller sees what the benchmark reports."""
         self.clock = clock
-        if self.swap is not None and isinstance(self.swap.engine, HostTimedCopyEngine):  # CUDA times on the GPU
-            self.swap.engine.clock = clock
+        if self.swap is not None:
+            self.swap.set_clock(clock)  # NOTE: ignored on CUDA, which times the layers on the GPU
 
     @property
     def collectors(self) -> list:
@@ -207,7 +211,7 @@ class ExpansionRuntime(KVRuntime):
         if c0 < 1:
             raise BudgetError(f"a device KV budget of {budget_bytes} bytes is less than one KV block per layer "
                               f"({kv.num_layers * kv.block_bytes} bytes for {kv.num_layers} layers)")
-        swap, ctrl = self.swap, self.controller
+        swap, ctrl, unswapped = self.swap, self.controller, self.unswapped
         if swap is not None and ctrl is not None:
             geometry = replace(swap.geometry, pool_blocks=kv.num_layers * c0)
             m = ctrl.layers_for_geometry(geometry)
@@ -224,8 +228,8 @@ class ExpansionRuntime(KVRuntime):
                 preempted = self._resize(c_new, lambda keep: swap.resize_pool(geometry.pool_blocks, m, keep))
                 ctrl.set_geometry(geometry, m)
             else:
-                assert isinstance(kv, DeviceKVCache)
-                preempted = self._resize(c_new, lambda keep: kv.resize(c_new, keep))
+                assert unswapped is not None  # the constructor takes exactly one cache
+                preempted = self._resize(c_new, lambda keep: unswapped.resize(c_new, keep))
         except (ValueError, RuntimeError) as e:
             raise NeedsRestartError(f"the device KV budget could not be changed live ({e}); it needs a "
                                     "restart") from e

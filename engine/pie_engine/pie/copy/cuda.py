@@ -1,4 +1,4 @@
-"""CUDA backend of the copy engine: a stream per direction, pinned host memory, events (see copy_engine.py).
+"""CUDA backend of the copy engine: a stream per direction, pinned host memory, events (see base.py).
 
 - swap-in: on the in-stream, after the event that says the slot's previous occupant was gathered out; the
   compute stream then waits on the swap-in's end event (``current_stream().wait_event``): no host sync.
@@ -17,19 +17,36 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 
-from pie_engine.pie.copy.base import CopyEngine, CopyHandle, LinkModel, StepCopyStats, Trace, copy_blocks, kv_flat
-
-_ScatterJob = tuple[CopyHandle, torch.Tensor, torch.Tensor, torch.Tensor]
+from pie_engine.pie.copy.base import CopyEngine, StepCopyStats, StepEntry, StepProgram
+from pie_engine.pie.copy.event_handle import EventCopyHandle
+from pie_engine.pie.copy.link import LinkModel
+from pie_engine.pie.copy.per_layer import PerLayerProgram
+from pie_engine.pie.copy.tensors import copy_blocks, kv_flat
+from pie_engine.pie.copy.trace import Trace
 
 
 def _timing_event() -> torch.cuda.Event:
     return torch.cuda.Event(enable_timing=True)
 
 
-class CudaCopyEngine(CopyEngine):
+class CudaCopyHandle(EventCopyHandle):
+    """``done``: a swap-in was issued (its GPU-side end is ``end_ev``); a write-back's host copy is current.
+    ``seconds`` stays None: GPU time is read from the timing events at ``end_step``."""
+
+    def __init__(self, kind: str, layer: int, slot: int, nbytes: int) -> None:
+        super().__init__(kind, layer, slot, nbytes)
+        self.start_ev, self.end_ev = _timing_event(), _timing_event()
+        self.device_ev: torch.cuda.Event | None = None  # write-backs: after it, the slot may be reused
+
+
+_ScatterJob = tuple[CudaCopyHandle, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class CudaCopyEngine(CopyEngine[CudaCopyHandle]):
     def __init__(self, device: torch.device, link_in: LinkModel | None = None, link_out: LinkModel | None = None,
                  trace: Trace | None = None) -> None:
         super().__init__(link_in, link_out, trace)
@@ -40,18 +57,18 @@ class CudaCopyEngine(CopyEngine):
         self._cycles_per_s: float | None = None
         self._stall_records: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._marks: list[torch.cuda.Event] = []  # timing events on the compute stream (``mark``)
-        self._unaccounted: list[CopyHandle] = []
-        self._write_backs: list[CopyHandle] = []
+        self._unaccounted: list[CudaCopyHandle] = []
+        self._write_backs: list[CudaCopyHandle] = []
         self.issue_wait_seconds_total = 0.0  # host time spent waiting for a host copy to become current
         self._scatter_q: queue.SimpleQueue[_ScatterJob | None] = queue.SimpleQueue()
         self._scatter = threading.Thread(target=self._scatter_loop, name="pie-kv-scatter", daemon=True)
         self._scatter.start()
 
     # ---------------------------------------------------------------------------------------------- copies
-    def swap_in(self, dst: torch.Tensor, src: torch.Tensor, lo: int, hi: int, *, slot_free: CopyHandle | None,
-                host_ready: CopyHandle | None, layer: int, slot: int) -> CopyHandle:
-        h = CopyHandle("in", layer, slot, (hi - lo) * dst[0, 0].numel() * 2 * dst.element_size())
-        if host_ready is not None and not host_ready.done.is_set():
+    def swap_in(self, dst: torch.Tensor, src: torch.Tensor, lo: int, hi: int, *, slot_free: CudaCopyHandle | None,
+                host_ready: CudaCopyHandle | None, layer: int, slot: int) -> CudaCopyHandle:
+        h = CudaCopyHandle("in", layer, slot, (hi - lo) * dst[0, 0].numel() * 2 * dst.element_size())
+        if host_ready is not None and not host_ready.is_done():
             # The H2D reads the host copy when the GPU runs it, so the scatter into it must have happened already.
             # NOTE: not a stall: the GPU still has the queued layers to run while the host waits here (the
             # next-step prefetch waits for a write-back of this same step). A GPU left idle shows in the
@@ -59,7 +76,6 @@ class CudaCopyEngine(CopyEngine):
             t0 = time.perf_counter()
             host_ready.wait_host()
             self.issue_wait_seconds_total += time.perf_counter() - t0
-        h.start_ev, h.end_ev = _timing_event(), _timing_event()
         with torch.cuda.device(self.device), torch.cuda.stream(self._in):
             if slot_free is not None:
                 assert slot_free.device_ev is not None
@@ -75,9 +91,10 @@ class CudaCopyEngine(CopyEngine):
         return h
 
     def write_back(self, layer_kv: torch.Tensor, host_kv: torch.Tensor, slots_dev: torch.Tensor,
-                   slots_cpu: torch.Tensor, *, layer: int, slot: int) -> CopyHandle:
-        h = CopyHandle("out", layer, slot, slots_cpu.numel() * layer_kv[0, 0, 0].numel() * 2 * layer_kv.element_size())
-        h.start_ev, h.end_ev, h.device_ev = _timing_event(), _timing_event(), torch.cuda.Event()
+                   slots_cpu: torch.Tensor, *, layer: int, slot: int) -> CudaCopyHandle:
+        h = CudaCopyHandle("out", layer, slot,
+                           slots_cpu.numel() * layer_kv[0, 0, 0].numel() * 2 * layer_kv.element_size())
+        h.device_ev = torch.cuda.Event()
         with torch.cuda.device(self.device):
             compute_done = torch.cuda.Event()
             compute_done.record()  # the caller's (compute) stream, right after this layer's kernels
@@ -94,19 +111,21 @@ class CudaCopyEngine(CopyEngine):
             slots_dev.record_stream(self._out)
         self._stats.swap_out_bytes += h.nbytes
         self._unaccounted.append(h)
-        self._write_backs = [w for w in self._write_backs if not w.done.is_set()]
+        self._write_backs = [w for w in self._write_backs if not w.is_done()]
         self._write_backs.append(h)
         self._scatter_q.put((h, pinned, host_kv, slots_cpu))
         if self.trace is not None:
             self.trace.record("out_issue", layer, slot)
         return h
 
+    def step_program(self, entries: Sequence[StepEntry]) -> StepProgram[CudaCopyHandle]:
+        return PerLayerProgram(self, entries)  # copies are issued layer by layer, behind the compute stream
+
     @torch.inference_mode()  # see ThreadCopyEngine._worker
     def _scatter_loop(self) -> None:
         while (job := self._scatter_q.get()) is not None:
             h, pinned, host_kv, slots = job
             try:
-                assert h.end_ev is not None
                 h.end_ev.synchronize()
                 kv_flat(host_kv).index_copy_(1, slots, pinned)
             except BaseException as e:  # surfaced by wait_host()
@@ -114,7 +133,7 @@ class CudaCopyEngine(CopyEngine):
             finally:
                 h.done.set()
 
-    def _throttle(self, direction: str, h: CopyHandle, stream: torch.cuda.Stream) -> None:
+    def _throttle(self, direction: str, h: CudaCopyHandle, stream: torch.cuda.Stream) -> None:
         link = self.link_in if direction == "in" else self.link_out
         if link is None or (secs := link.seconds(h.nbytes)) <= 0:
             return
@@ -139,15 +158,17 @@ class CudaCopyEngine(CopyEngine):
         return self._cycles_per_s
 
     # ---------------------------------------------------------------------------------------------- compute
-    def wait(self, handle: CopyHandle) -> None:
+    def wait(self, handle: CudaCopyHandle) -> None:
         handle.wait_host()
-        assert handle.end_ev is not None
         reach = _timing_event()
         stream = torch.cuda.current_stream(self.device)
         reach.record(stream)
         stream.wait_event(handle.end_ev)
         self._stall_records.append((reach, handle.end_ev))
         self._unaccounted.append(handle)
+
+    def set_clock(self, clock: Callable[[], float]) -> None:
+        pass  # NOTE: the timeline is GPU time (timing events on the compute stream), whatever the host clock
 
     def mark(self) -> None:
         ev = _timing_event()
@@ -164,7 +185,6 @@ class CudaCopyEngine(CopyEngine):
         self._stall_records = []
         rest = []
         for h in self._unaccounted:
-            assert h.start_ev is not None and h.end_ev is not None
             if h.end_ev.query():
                 self._stats.copy_seconds += h.start_ev.elapsed_time(h.end_ev) / 1e3
             else:

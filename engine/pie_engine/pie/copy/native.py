@@ -4,8 +4,10 @@ Why: ``ThreadCopyEngine``'s Python workers need the GIL for their own code and f
 each job costs the compute thread ~30 us of CPU (bench/swap_sweep.py, docs/pie.md "Benchmarks"). Here the compute
 thread pays for one ctypes call per job (it keeps the GIL: the call only queues the job and signals a condvar);
 the copies are plain ``memcpy`` on pthreads, and only ``wait`` (a ctypes call that releases the GIL) can block.
+A step program (``NativeStepProgram``) queues a whole step's write-backs and refills in ONE call, each write-back
+behind a compute fence that ``layer_done`` passes: per layer the compute thread pays one short call.
 
-The library is compiled on first use (copy_worker_lib.py). CPU tensors only, contiguous (raw pointers).
+The library is compiled on first use (worker_lib.py). CPU tensors only, contiguous (raw pointers).
 """
 
 from __future__ import annotations
@@ -14,10 +16,15 @@ import ctypes
 import os
 import weakref
 from collections import deque
+from collections.abc import Callable, Sequence
 
 import torch
 
-from pie_engine.pie.copy.base import CopyEngine, CopyHandle, HostTimedCopyEngine, LinkModel, Trace
+from pie_engine.pie.copy.base import StepCopies, StepEntry, StepProgram
+from pie_engine.pie.copy.host_timed import HostTimedCopyEngine
+from pie_engine.pie.copy.link import LinkModel
+from pie_engine.pie.copy.native_handle import NativeCopyHandle, WorkerShared
+from pie_engine.pie.copy.trace import Trace
 from pie_engine.pie.copy.worker_lib import load, native_available
 
 _DIR = {"in": 0, "out": 1}
@@ -26,107 +33,57 @@ NAP_S = float(os.environ.get("PIE_CW_NAP_S", "0.00002"))
 _DONE_ALL = (2**64 - 1,) * 3  # counters after close: every job has completed, every fence passed
 
 
-class _Shared:
-    """What handles need from their engine (not the engine itself: no reference cycle engine -> handle -> engine)."""
-
-    def __init__(self, nogil: ctypes.CDLL, cw: int) -> None:
-        self.nogil, self.cw = nogil, cw
-        self.counters: ctypes.Array | tuple[int, ...] = (ctypes.c_uint64 * 3).from_address(
-            nogil.pie_cw_counters(cw))
-
-
-class _Done:
-    """``threading.Event`` look-alike: set iff the job's direction has completed ``seq`` jobs (FIFO order)."""
-
-    __slots__ = ("_sh", "_d", "_seq")
-
-    def __init__(self, sh: _Shared, d: int, seq: int) -> None:
-        self._sh, self._d, self._seq = sh, d, seq
-
-    def is_set(self) -> bool:
-        return self._sh.counters[self._d] >= self._seq
-
-    def wait(self) -> bool:
-        if not self.is_set():
-            self._sh.nogil.pie_cw_wait(self._sh.cw, self._d, self._seq)
-        return True
-
-
-class NativeCopyHandle(CopyHandle):
-    """A job of the C worker: job ``_seq`` of direction ``_d``. Keeps the tensors it reads and writes alive until it
-    is seen complete. Its result ([ns, error], written by the worker before it counts the job done) is
-    ``result[off:off + 2]``: a buffer of its own, or a slice of a whole step's (``submit_step``).
-
-    NOTE: the compute thread creates a dozen of these per step, right after a layer's matmuls when its caches are
-    cold, so it sets only what it needs (no threading.Event, no CUDA events) and the hot paths read ``_d``/``_seq``.
-    """
-
-    def __init__(self, kind: str, layer: int, slot: int, nbytes: int, sh: _Shared, keep: tuple | None,
-                 pre: tuple[CopyHandle, ...] = (), result: ctypes.Array | None = None, off: int = 0) -> None:
-        self.kind, self.layer, self.slot, self.nbytes = kind, layer, slot, nbytes
-        self.result = (ctypes.c_int64 * 2)() if result is None else result
-        self.off = off
-        self.keep: tuple | None = keep
-        self.pre = pre
-        self._sh, self._d, self._seq = sh, 0, 0  # set by the engine once the job has its sequence number
-
-    @property
-    def done(self) -> _Done:  # type: ignore[override]
-        return _Done(self._sh, self._d, self._seq)
-
-    def is_done(self) -> bool:
-        return self._sh.counters[self._d] >= self._seq
-
-    def failed(self) -> bool:
-        """Done with an error, its own or a prerequisite's (the worker does not propagate them)."""
-        return bool(self.result[self.off + 1]) or any(p.failed() for p in self.pre if isinstance(p, NativeCopyHandle))
-
-    @property
-    def seconds(self) -> float | None:  # type: ignore[override]
-        return self.result[self.off] * 1e-9 if self.is_done() else None
-
-    @property
-    def error(self) -> BaseException | None:  # type: ignore[override]
-        if not self.is_done():
-            return None
-        if self.result[self.off + 1]:
-            return IndexError(f"a row index of this write-back is outside the KV tensors (layer {self.layer})")
-        return next((p.error for p in self.pre if p is not None and p.error is not None), None)  # a prerequisite
-
-    def wait_host(self) -> None:
-        if not self.is_done():
-            self.done.wait()
-        self.keep = None  # the worker is done with the memory
-        if self.failed():
-            raise RuntimeError(f"KV {self.kind} copy of layer {self.layer} failed") from self.error
-
-
-class NativeStepProgram:
+class NativeStepProgram(StepProgram[NativeCopyHandle]):
     """One rotation phase's copies as the C worker's entry table, built once per cache layout (``step_program``).
 
-    Entry i, in forward order: write back the step's rows from ``slots[i]`` into ``host_wb[i]``, then, if
-    ``host_in[i]`` is not None, refill ``slots[i]`` from it (blocks [0, nb)). Holds the tensors, so the pointers
-    stay valid as long as the program lives.
+    Entry i, in forward order: write back the step's rows from its slot into its host copy, then, if it has a
+    refill, refill the slot from that layer's host copy (blocks [0, nb)). Holds the tensors, so the pointers stay
+    valid as long as the program lives.
     """
 
-    def __init__(self, slots: list[torch.Tensor], host_wb: list[torch.Tensor],
-                 host_in: list[torch.Tensor | None]) -> None:
-        self.n = len(slots)
-        self.keep = (*slots, *host_wb, *(h for h in host_in if h is not None))
-        self.has_target = [h is not None for h in host_in]
+    def __init__(self, engine: NativeCopyEngine, entries: Sequence[StepEntry]) -> None:
+        self.engine = engine
+        self.n = len(entries)
+        self.layers = [e.layer for e in entries]
+        self.slot_ids = [e.slot for e in entries]
+        self.refills = [e.refill if e.refill_kv is not None else None for e in entries]
+        self.keep = (*(e.slot_kv for e in entries), *(e.host_kv for e in entries),
+                     *(e.refill_kv for e in entries if e.refill_kv is not None))
         rows: list[int] = []
         self.span_limit = 2**62  # blocks every swap-in may copy (the smallest tensor involved)
-        for slot, wb, src in zip(slots, host_wb, host_in, strict=True):
-            dp, sp, self.block_bytes, dplane, splane = _pair(wb, slot)
-            self.row_bytes = self.block_bytes // slot.shape[2]
+        for e in entries:
+            dp, sp, self.block_bytes, dplane, splane = _pair(e.host_kv, e.slot_kv)
+            self.row_bytes = self.block_bytes // e.slot_kv.shape[2]
             rows += [dp, sp, dp + dplane, sp + splane, min(dplane, splane) // self.row_bytes]
-            if src is None:
+            if e.refill_kv is None:
                 rows += [0] * 5
                 continue
-            dp, sp, _, dplane, splane = _pair(slot, src)
+            dp, sp, _, dplane, splane = _pair(e.slot_kv, e.refill_kv)
             self.span_limit = min(self.span_limit, min(dplane, splane) // self.block_bytes)
             rows += [dp, sp, dp + dplane, sp + splane, 1]
         self.entries = (ctypes.c_int64 * len(rows))(*rows)
+
+    def submit(self, nb: int, slots_dev: torch.Tensor, slots_cpu: torch.Tensor,
+               host_ready: Callable[[int], NativeCopyHandle | None]) -> NativeStepCopies:
+        # NOTE: host_ready is not needed: a refill waits for its slot's write-back, and the out queue runs in
+        # order, so every earlier write-back (the refilled layer's own last one included) has finished too.
+        return self.engine.submit_step(self, nb, slots_cpu)
+
+
+class NativeStepCopies(StepCopies[NativeCopyHandle]):
+    """A submitted step: ``write_backs[i]`` waits in C for compute fence ``base + i + 1``, ``swap_ins[i]`` (None:
+    no refill) for ``write_backs[i]``."""
+
+    def __init__(self, engine: NativeCopyEngine, base: int, write_backs: list[NativeCopyHandle],
+                 swap_ins: list[NativeCopyHandle | None]) -> None:
+        self.engine, self.base, self.write_backs, self.swap_ins = engine, base, write_backs, swap_ins
+
+    def layer_done(self, i: int) -> tuple[NativeCopyHandle, NativeCopyHandle | None]:
+        self.engine.advance(self.base + i + 1)
+        return self.write_backs[i], self.swap_ins[i]
+
+    def release(self) -> None:
+        self.engine.release_fences()
 
 
 def _pair(dst: torch.Tensor, src: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -144,7 +101,7 @@ def _pair(dst: torch.Tensor, src: torch.Tensor) -> tuple[int, int, int, int, int
     return dst.data_ptr(), src.data_ptr(), blk, ds[1] * blk, ss[1] * blk
 
 
-class NativeCopyEngine(HostTimedCopyEngine):
+class NativeCopyEngine(HostTimedCopyEngine[NativeCopyHandle]):
     """CPU backend with C workers (one FIFO per direction); same semantics as ``ThreadCopyEngine``.
 
     Prerequisites are (direction, seq) pairs resolved in C. Every write-back goes to the out worker: a submit costs
@@ -163,29 +120,25 @@ class NativeCopyEngine(HostTimedCopyEngine):
         cw = nogil.pie_cw_create(int(poll_s * 1e9), int(nap_s * 1e9))
         if not cw:
             raise RuntimeError("pie_cw_create failed (out of memory or threads)")
-        self._sh = _Shared(nogil, cw)
+        self._sh = WorkerShared(nogil, cw)
         self._finalize = weakref.finalize(self, nogil.pie_cw_destroy, cw)  # drains and joins even if not closed
         self._outstanding: tuple[deque[NativeCopyHandle], deque[NativeCopyHandle]] = (deque(), deque())
         self._fences_made = self._fences_passed = 0  # compute fences (``submit_step``, ``advance``)
 
-    def _pre(self, w: CopyHandle | None) -> tuple[int, int]:
+    @staticmethod
+    def _pre(w: NativeCopyHandle | None) -> tuple[int, int]:
         """A prerequisite as (direction, seq); (0, 0) when there is nothing to wait for."""
-        if w is None:
-            return 0, 0
-        if not isinstance(w, NativeCopyHandle):
-            w.wait_host()  # another engine's handle: nothing C can wait on, so settle it here
-            return 0, 0
-        return (0, 0) if w.is_done() else (w._d, w._seq)
+        return (0, 0) if w is None or w.is_done() else (w._d, w._seq)
 
-    def swap_in(self, dst: torch.Tensor, src: torch.Tensor, lo: int, hi: int, *, slot_free: CopyHandle | None,
-                host_ready: CopyHandle | None, layer: int, slot: int) -> CopyHandle:
+    def swap_in(self, dst: torch.Tensor, src: torch.Tensor, lo: int, hi: int, *, slot_free: NativeCopyHandle | None,
+                host_ready: NativeCopyHandle | None, layer: int, slot: int) -> NativeCopyHandle:
         dp, sp, blk, dplane, splane = _pair(dst, src)
         if not 0 <= lo <= hi <= min(dplane, splane) // blk:
             raise ValueError(f"NativeCopyEngine: blocks [{lo}, {hi}) outside {dst.shape[1]} / {src.shape[1]}")
         n = (hi - lo) * blk
         dp, sp = dp + lo * blk, sp + lo * blk
         h = NativeCopyHandle("in", layer, slot, 2 * n, self._sh, (dst, src),
-                             (slot_free, host_ready) if slot_free or host_ready else ())
+                             tuple(p for p in (slot_free, host_ready) if p is not None))
         (d0, s0), (d1, s1) = self._pre(slot_free), self._pre(host_ready)
         seq = self._gil.pie_cw_submit_span(self._sh.cw, 0, dp, sp, n, dp + dplane, sp + splane, n, d0, s0, d1, s1,
                                            self._min_ns(self.link_in, h.nbytes), ctypes.addressof(h.result))
@@ -193,7 +146,7 @@ class NativeCopyEngine(HostTimedCopyEngine):
         return self._queued(h, 0, seq)
 
     def write_back(self, layer_kv: torch.Tensor, host_kv: torch.Tensor, slots_dev: torch.Tensor,
-                   slots_cpu: torch.Tensor, *, layer: int, slot: int) -> CopyHandle:
+                   slots_cpu: torch.Tensor, *, layer: int, slot: int) -> NativeCopyHandle:
         dp, sp, blk, dplane, splane = _pair(host_kv, layer_kv)
         if slots_cpu.dtype != torch.int64 or not slots_cpu.is_cpu or not slots_cpu.is_contiguous():
             raise ValueError("NativeCopyEngine: slots_cpu must be a contiguous int64 CPU tensor")
@@ -213,15 +166,12 @@ class NativeCopyEngine(HostTimedCopyEngine):
         return self._queued(h, 1, seq)
 
     # ------------------------------------------------------------------------------------- whole-step programs
-    def step_program(self, slots: list[torch.Tensor], host_wb: list[torch.Tensor],
-                     host_in: list[torch.Tensor | None]) -> NativeStepProgram:
-        """A reusable step program (see ``NativeStepProgram``); rebuild it whenever a tensor in it changes."""
-        return NativeStepProgram(slots, host_wb, host_in)
+    def step_program(self, entries: Sequence[StepEntry]) -> NativeStepProgram:
+        return NativeStepProgram(self, entries)
 
-    def submit_step(self, prog: NativeStepProgram, nb: int, slots_cpu: torch.Tensor, layers: list[int],
-                    slot_ids: list[int]) -> tuple[int, list[NativeCopyHandle], list[NativeCopyHandle | None]]:
+    def submit_step(self, prog: NativeStepProgram, nb: int, slots_cpu: torch.Tensor) -> NativeStepCopies:
         """Queue a whole step's copies in one call, before the step runs: write-back i waits for compute fence
-        ``base + i + 1`` (``advance``), swap-in i for write-back i. Returns (base, write-backs, swap-ins)."""
+        ``base + i + 1`` (``advance``), swap-in i for write-back i."""
         if not 0 <= nb <= prog.span_limit:
             raise ValueError(f"NativeCopyEngine: {nb} blocks exceed the program's tensors ({prog.span_limit})")
         if slots_cpu.dtype != torch.int64 or not slots_cpu.is_cpu or not slots_cpu.is_contiguous():
@@ -241,18 +191,19 @@ class NativeCopyEngine(HostTimedCopyEngine):
         wbs: list[NativeCopyHandle] = []
         ins: list[NativeCopyHandle | None] = []
         for i in range(n):
-            wb = NativeCopyHandle("out", layers[i], slot_ids[i], wb_bytes, sh, keep, (), result, 4 * i)
+            layer, slot, refill = prog.layers[i], prog.slot_ids[i], prog.refills[i]
+            wb = NativeCopyHandle("out", layer, slot, wb_bytes, sh, keep, (), result, 4 * i)
             wbs.append(self._track(wb, 1, out_seq + i))
-            if not prog.has_target[i]:
+            if refill is None:
                 ins.append(None)
                 continue
-            h = NativeCopyHandle("in", layers[i], slot_ids[i], in_bytes, sh, keep, (wb,), result, 4 * i + 2)
+            h = NativeCopyHandle("in", refill, slot, in_bytes, sh, keep, (wb,), result, 4 * i + 2)
             ins.append(self._track(h, 0, in_seq))
             in_seq += 1
         self._stats.swap_out_bytes += n * wb_bytes
         self._stats.swap_in_bytes += (in_seq - seqs[1]) * in_bytes
         self._unaccounted.extend(wbs)  # write-backs are accounted in the step that issued them
-        return base, wbs, ins
+        return NativeStepCopies(self, base, wbs, ins)
 
     def advance(self, fence: int) -> None:
         """The compute thread passed fence ``fence`` (and every earlier one): its write-back may start."""
@@ -306,7 +257,7 @@ class NativeCopyEngine(HostTimedCopyEngine):
                 q.clear()
 
 
-def cpu_engine_from_env(link_in: LinkModel | None, link_out: LinkModel | None) -> CopyEngine | None:
+def cpu_engine_from_env(link_in: LinkModel | None, link_out: LinkModel | None) -> NativeCopyEngine | None:
     """The native engine unless ``PIE_COPY_ENGINE=threads`` or it is unavailable (None: use threads).
 
     ``PIE_COPY_ENGINE=native`` makes unavailability an error (RuntimeError with the reason).

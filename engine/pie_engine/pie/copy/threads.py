@@ -1,7 +1,7 @@
-"""``ThreadCopyEngine``: the CPU copy engine with Python worker threads (see copy_engine.py for the interface).
+"""``ThreadCopyEngine``: the CPU copy engine with Python worker threads (see base.py for the interface).
 
-The fallback when the C workers (copy_engine_native.py) cannot be built, and the backend of traced runs: its
-workers record copy events in true completion order, which the ordering tests check.
+The fallback when the C workers (native.py) cannot be built, and the backend of traced runs: its workers record
+copy events in true completion order, which the ordering tests check.
 """
 
 from __future__ import annotations
@@ -13,12 +13,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pie_engine.pie.copy.base import CopyHandle, HostTimedCopyEngine, LinkModel, Trace, kv_flat, row_bytes
+from pie_engine.pie.copy.base import StepEntry, StepProgram
+from pie_engine.pie.copy.event_handle import EventCopyHandle
+from pie_engine.pie.copy.host_timed import HostTimedCopyEngine
+from pie_engine.pie.copy.link import LinkModel
+from pie_engine.pie.copy.per_layer import PerLayerProgram
+from pie_engine.pie.copy.tensors import kv_flat, row_bytes
+from pie_engine.pie.copy.trace import Trace
 
-_Job = tuple[CopyHandle, Sequence[CopyHandle], Callable[[], None]]
+_Job = tuple[EventCopyHandle, Sequence[EventCopyHandle], Callable[[], None]]
 
 
-class ThreadCopyEngine(HostTimedCopyEngine):
+class ThreadCopyEngine(HostTimedCopyEngine[EventCopyHandle]):
     """CPU backend: copies run on two worker threads (in, out), each a FIFO, so ordering and stalls are real.
 
     Every torch call a worker makes re-takes the GIL when it returns, and the compute thread then waits for it
@@ -34,23 +40,27 @@ class ThreadCopyEngine(HostTimedCopyEngine):
         self.inline_bytes = inline_bytes
         self._queues: dict[str, queue.SimpleQueue[_Job | None]] = {"in": queue.SimpleQueue(),
                                                                     "out": queue.SimpleQueue()}
-        self._outstanding: list[CopyHandle] = []
+        self._outstanding: list[EventCopyHandle] = []
         self._threads = [threading.Thread(target=self._worker, args=(d,), name=f"pie-kv-{d}", daemon=True)
                          for d in self._queues]
         for t in self._threads:
             t.start()
 
-    def swap_in(self, dst: torch.Tensor, src: torch.Tensor, lo: int, hi: int, *, slot_free: CopyHandle | None,
-                host_ready: CopyHandle | None, layer: int, slot: int) -> CopyHandle:
+    def swap_in(self, dst: torch.Tensor, src: torch.Tensor, lo: int, hi: int, *, slot_free: EventCopyHandle | None,
+                host_ready: EventCopyHandle | None, layer: int, slot: int) -> EventCopyHandle:
         # NOTE: sizes from shapes: indexing a tensor costs microseconds on the compute thread.
-        h = CopyHandle("in", layer, slot, (hi - lo) * dst.shape[2] * row_bytes(dst) * 2)
+        h = EventCopyHandle("in", layer, slot, (hi - lo) * dst.shape[2] * row_bytes(dst) * 2)
         waits = [w for w in (slot_free, host_ready) if w is not None]
-        # One strided copy of K and V together (CPU to CPU needs no temporary, unlike copy_blocks' CUDA case).
-        return self._submit("in", h, waits, lambda: dst[:, lo:hi].copy_(src[:, lo:hi]))
+
+        def run() -> None:
+            # One strided copy of K and V together (CPU to CPU needs no temporary, unlike copy_blocks' CUDA case).
+            dst[:, lo:hi].copy_(src[:, lo:hi])
+
+        return self._submit("in", h, waits, run)
 
     def write_back(self, layer_kv: torch.Tensor, host_kv: torch.Tensor, slots_dev: torch.Tensor,
-                   slots_cpu: torch.Tensor, *, layer: int, slot: int) -> CopyHandle:
-        h = CopyHandle("out", layer, slot, slots_cpu.numel() * row_bytes(layer_kv) * 2)
+                   slots_cpu: torch.Tensor, *, layer: int, slot: int) -> EventCopyHandle:
+        h = EventCopyHandle("out", layer, slot, slots_cpu.numel() * row_bytes(layer_kv) * 2)
 
         def run() -> None:
             kv_flat(host_kv).index_copy_(1, slots_cpu, kv_flat(layer_kv).index_select(1, slots_cpu))
@@ -59,8 +69,11 @@ class ThreadCopyEngine(HostTimedCopyEngine):
         inline = self.link_out is None and h.nbytes <= self.inline_bytes
         return self._submit("out", h, [], run, inline)
 
-    def _submit(self, direction: str, h: CopyHandle, waits: Sequence[CopyHandle], fn: Callable[[], None],
-                inline: bool = False) -> CopyHandle:
+    def step_program(self, entries: Sequence[StepEntry]) -> StepProgram[EventCopyHandle]:
+        return PerLayerProgram(self, entries)  # copies are issued layer by layer, as the compute thread goes
+
+    def _submit(self, direction: str, h: EventCopyHandle, waits: Sequence[EventCopyHandle], fn: Callable[[], None],
+                inline: bool = False) -> EventCopyHandle:
         if direction == "in":
             self._stats.swap_in_bytes += h.nbytes
         else:
@@ -83,7 +96,7 @@ class ThreadCopyEngine(HostTimedCopyEngine):
         while (job := q.get()) is not None:
             self._run(direction, *job, link)
 
-    def _run(self, direction: str, h: CopyHandle, waits: Sequence[CopyHandle], fn: Callable[[], None],
+    def _run(self, direction: str, h: EventCopyHandle, waits: Sequence[EventCopyHandle], fn: Callable[[], None],
              link: LinkModel | None) -> None:
         """One copy job: its prerequisites, the copy, the link model's delay; a failure goes to the handle."""
         try:

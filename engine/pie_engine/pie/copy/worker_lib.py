@@ -18,7 +18,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _SRC = Path(__file__).with_name("csrc") / "copy_worker.c"
-_lib: tuple[ctypes.CDLL, ctypes.PyDLL] | str | None = None  # the loaded library, or why it is unavailable
+_lib: tuple[ctypes.CDLL, ctypes.PyDLL] | None = None  # the loaded library
+_unavailable: str | None = None  # why it could not be built or loaded (then it is not tried again)
 
 
 def _build() -> Path:
@@ -62,24 +63,25 @@ def _declare(lib: ctypes.CDLL) -> None:
 def load() -> tuple[ctypes.CDLL, ctypes.PyDLL]:
     """(nogil, gil): CDLL releases the GIL around a call (``wait``, ``destroy`` block); PyDLL keeps it, which is
     cheaper for the calls that never block (submit, counters), and no other Python thread can cut in."""
-    global _lib
-    if _lib is None:
+    global _lib, _unavailable
+    if _lib is None and _unavailable is None:
         try:
             so = str(_build())
-            _lib = ctypes.CDLL(so), ctypes.PyDLL(so)
-            for lib in _lib:
+            libs = ctypes.CDLL(so), ctypes.PyDLL(so)
+            for lib in libs:
                 _declare(lib)
+            _lib = libs
         except Exception as e:  # noqa: BLE001 - any failure means "use the thread engine"
-            _lib = f"{type(e).__name__}: {e}"
-            log.warning("native KV copy engine unavailable (%s); using ThreadCopyEngine", _lib)
-    if isinstance(_lib, str):
-        raise RuntimeError(f"native KV copy engine unavailable: {_lib}")
+            _unavailable = f"{type(e).__name__}: {e}"
+            log.warning("native KV copy engine unavailable (%s); using ThreadCopyEngine", _unavailable)
+    if _lib is None:
+        raise RuntimeError(f"native KV copy engine unavailable: {_unavailable}")
     return _lib
 
 
 def unavailable_reason() -> str | None:
     """Why the library could not be built or loaded (None: it loaded, or nobody tried yet)."""
-    return _lib if isinstance(_lib, str) else None
+    return _unavailable
 
 
 def native_available() -> bool:

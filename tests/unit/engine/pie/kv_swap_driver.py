@@ -17,7 +17,7 @@ from pie_engine.core.plan import ScheduledSeq, StepPlan, SwapPlan
 from pie_engine.core.sampling_params import SamplingParams
 from pie_engine.core.sequence import Sequence
 from pie_engine.kv.device_cache import DeviceKVCache
-from pie_engine.pie.copy.base import kv_flat
+from pie_engine.pie.copy.tensors import kv_flat
 from pie_engine.pie.swap_cache import LayerSwapKVCache
 
 

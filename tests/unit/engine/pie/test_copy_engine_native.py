@@ -9,9 +9,13 @@ import pytest
 import torch
 
 from pie_engine.pie.copy import worker_lib as copy_worker_lib
-from pie_engine.pie.copy.base import LinkModel, Trace, kv_flat, make_copy_engine
+from pie_engine.pie.copy.base import StepEntry
+from pie_engine.pie.copy.factory import make_copy_engine
+from pie_engine.pie.copy.link import LinkModel
 from pie_engine.pie.copy.native import NativeCopyEngine, native_available
+from pie_engine.pie.copy.tensors import kv_flat
 from pie_engine.pie.copy.threads import ThreadCopyEngine
+from pie_engine.pie.copy.trace import Trace
 from pie_engine.pie.copy.worker_lib import unavailable_reason
 from pie_engine.pie.swap_cache import LayerSwapKVCache
 from tests.unit.engine.pie.kv_swap_driver import ToyDriver
@@ -52,7 +56,7 @@ def test_span_and_row_copies_are_exact(engines) -> None:
     wb = eng.write_back(src, host, slots, slots, layer=1, slot=0)
     slots = torch.tensor([0, 0])  # the caller's index buffer may change at once: the job copied it
     eng.synchronize()
-    assert wb.done.is_set() and wb.seconds is not None and wb.keep is None
+    assert wb.is_done() and wb.seconds is not None and wb.keep is None
     want = torch.zeros_like(host)
     idx = torch.tensor([0, 3, 17, 19, 19])
     kv_flat(want).index_copy_(1, idx, kv_flat(src).index_select(1, idx))
@@ -61,32 +65,39 @@ def test_span_and_row_copies_are_exact(engines) -> None:
     assert stats.swap_in_bytes == h.nbytes and stats.swap_out_bytes == wb.nbytes and stats.copy_seconds > 0
 
 
+def no_write_back(layer: int) -> None:
+    return None
+
+
 def test_whole_step_program_waits_for_each_fence(engines) -> None:
-    """submit_step: write-back i starts only once fence base + i + 1 is passed, and the swap-in behind it only
-    after that write-back; both copy exactly. A fence left unpassed makes synchronize refuse instead of hang,
-    and release_fences lets everything finish."""
+    """A step program queued at once: write-back i starts only once its layer is reported done (compute fence
+    base + i + 1), and the swap-in behind it only after that write-back; both copy exactly. A fence left unpassed
+    makes synchronize refuse instead of hang, and release lets everything finish."""
     eng = engines()
     slots = [kv(4), kv(4)]
     host_wb = [kv(4, "zeros"), kv(4, "zeros")]
-    host_in = [kv(6), None]  # entry 1 has no refill (a wrapped prefetch that is switched off)
-    refill_src = host_in[0].clone()
-    prog = eng.step_program(slots, host_wb, host_in)
+    refill = kv(6)
+    # Entry 1 has no refill (a wrapped prefetch that is switched off).
+    prog = eng.step_program([StepEntry(0, 0, slots[0], host_wb[0], 2, refill),
+                             StepEntry(1, 1, slots[1], host_wb[1], None, None)])
+    refill_src = refill.clone()
     rows = torch.tensor([1, 6, 9])
     before = [s.clone() for s in slots]
-    base, wbs, ins = eng.submit_step(prog, 3, rows, [0, 1], [0, 1])
+    copies = prog.submit(3, rows, rows, no_write_back)
+    wbs, ins = copies.write_backs, copies.swap_ins
     assert ins[1] is None and ins[0] is not None and len(wbs) == 2
     time.sleep(0.01)
-    assert not any(w.done.is_set() for w in wbs) and not ins[0].done.is_set()  # every write-back waits
+    assert not any(w.is_done() for w in wbs) and not ins[0].is_done()  # every write-back waits
     with pytest.raises(RuntimeError, match="compute fence"):
         eng.synchronize()
-    eng.advance(base + 1)
+    assert copies.layer_done(0) == (wbs[0], ins[0])
     eng.wait(ins[0])
-    assert wbs[0].done.is_set() and not wbs[1].done.is_set()  # only the first fence was passed
+    assert wbs[0].is_done() and not wbs[1].is_done()  # only the first fence was passed
     want = torch.zeros_like(host_wb[0])
     kv_flat(want).index_copy_(1, rows, kv_flat(before[0]).index_select(1, rows))
     assert torch.equal(host_wb[0], want)  # written back before the refill overwrote the slot
     assert torch.equal(slots[0][:, :3], refill_src[:, :3]) and torch.equal(slots[0][:, 3:], before[0][:, 3:])
-    eng.release_fences()
+    copies.release()
     eng.synchronize()
     kv_flat(want).zero_()
     kv_flat(want).index_copy_(1, rows, kv_flat(before[1]).index_select(1, rows))
@@ -94,11 +105,11 @@ def test_whole_step_program_waits_for_each_fence(engines) -> None:
     stats = eng.end_step()
     assert stats.swap_out_bytes == sum(w.nbytes for w in wbs) and stats.swap_in_bytes == ins[0].nbytes
     with pytest.raises(ValueError, match="exceed"):
-        eng.submit_step(prog, 5, rows, [0, 1], [0, 1])  # the slots hold 4 blocks
-    bad = eng.submit_step(prog, 1, torch.tensor([99]), [0, 1], [0, 1])[1]
-    eng.release_fences()
+        prog.submit(5, rows, rows, no_write_back)  # the slots hold 4 blocks
+    bad = prog.submit(1, torch.tensor([99]), torch.tensor([99]), no_write_back)
+    bad.release()
     with pytest.raises(RuntimeError, match="copy of layer 0 failed"):
-        bad[0].wait_host()
+        bad.write_backs[0].wait_host()
 
 
 def test_swap_in_waits_for_a_throttled_write_back(engines) -> None:
@@ -116,7 +127,7 @@ def test_swap_in_waits_for_a_throttled_write_back(engines) -> None:
     assert swapped_in <= written_back
     pending = not h.is_done()
     eng.wait(h)
-    assert wb.done.is_set() and counters[1] == 1
+    assert wb.is_done() and counters[1] == 1
     # The swap-in read what the write-back wrote (the host started as zeros): the order held.
     assert torch.equal(kv_flat(back)[:, slots], kv_flat(dev)[:, slots])
     assert kv_flat(back)[:, 0].abs().sum() == 0
@@ -143,7 +154,7 @@ def test_close_drains(engines) -> None:
     handles = [eng.swap_in(d, s, 0, 2, slot_free=None, host_ready=None, layer=i, slot=0)
                for i, (s, d) in enumerate(pairs)]
     eng.close()
-    assert all(h.done.is_set() for h in handles) and all(torch.equal(s, d) for s, d in pairs)
+    assert all(h.is_done() for h in handles) and all(torch.equal(s, d) for s, d in pairs)
     eng.close()  # idempotent
 
 
@@ -178,7 +189,8 @@ def test_make_copy_engine_choice(monkeypatch) -> None:
         eng = make_copy_engine(cpu, trace=trace)
         eng.close()
         assert type(eng) is want
-    monkeypatch.setattr(copy_worker_lib, "_lib", "RuntimeError: no C compiler")
+    monkeypatch.setattr(copy_worker_lib, "_lib", None)
+    monkeypatch.setattr(copy_worker_lib, "_unavailable", "RuntimeError: no C compiler")
     monkeypatch.setenv("PIE_COPY_ENGINE", "native")
     with pytest.raises(RuntimeError, match="no C compiler"):
         make_copy_engine(cpu)

@@ -20,7 +20,7 @@ from pie_engine.kv.cache import KVCache, KVSpec
 from pie_engine.kv.device_cache import DeviceKVCache
 from pie_engine.pie.backend import PieKVBackend
 from pie_engine.pie.controller_config import ControllerConfig
-from pie_engine.pie.copy.base import kv_flat
+from pie_engine.pie.copy.tensors import kv_flat
 from pie_engine.pie.runtime import ExpansionRuntime, controller_config_from
 from pie_engine.pie.swap_cache import LayerSwapKVCache
 

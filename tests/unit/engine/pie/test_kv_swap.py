@@ -15,8 +15,10 @@ import torch
 from pie_engine.core.plan import ScheduledSeq, StepPlan, SwapPlan
 from pie_engine.core.sampling_params import SamplingParams
 from pie_engine.core.sequence import Sequence
-from pie_engine.pie.copy.base import LinkModel, Trace, kv_flat
+from pie_engine.pie.copy.link import LinkModel
+from pie_engine.pie.copy.tensors import kv_flat
 from pie_engine.pie.copy.threads import ThreadCopyEngine
+from pie_engine.pie.copy.trace import Trace
 from pie_engine.pie.swap_cache import LayerSwapKVCache
 from tests.unit.engine.pie.kv_swap_driver import ToyDriver
 
@@ -150,7 +152,7 @@ def test_excess_is_measured_inside_the_step(caches) -> None:
     an excess of H * 0.5 per step (a fake clock makes it exact)."""
     cache = caches(2, 2)
     now = [0.0]
-    cache.engine.clock = lambda: now[0]
+    cache.set_clock(lambda: now[0])
     hb = set(cache.schedule.host_backed)
 
     def compute(layer: int) -> None:
@@ -329,7 +331,7 @@ def test_thread_engine_runs_small_write_backs_inline() -> None:
             host = torch.zeros_like(dev)
             wb = engine.write_back(dev, host, slots, slots, layer=0, slot=0)
             if link is not None or inline_bytes > 0:  # (a worker may finish a tiny copy before this line)
-                assert wb.done.is_set() == (link is None)  # the modeled link holds the worker for 10 ms
+                assert wb.is_done() == (link is None)  # the modeled link holds the worker for 10 ms
             engine.synchronize()
             assert torch.equal(kv_flat(host)[:, slots], kv_flat(dev)[:, slots])
             assert kv_flat(host)[:, 1].abs().sum() == 0

@@ -43,7 +43,7 @@ def cache():
 def test_metric_names_and_live_values(cache: LayerSwapKVCache) -> None:
     ctrl = ExpansionController(cache.geometry, "static", 2.0)
     registry = CollectorRegistry()
-    metrics = register_swap_metrics(registry, lambda: cache, ctrl)
+    metrics = register_swap_metrics(registry, cache, ctrl, swap=cache)
     driver = ToyDriver(cache, seed=0)
     for _ in range(5):
         driver.step()
@@ -67,7 +67,7 @@ def test_metric_names_and_live_values(cache: LayerSwapKVCache) -> None:
 
 def test_expansion_state_json(cache: LayerSwapKVCache) -> None:
     ctrl = ExpansionController(cache.geometry)
-    state = json.loads(json.dumps(expansion_state(cache, ctrl)))
+    state = json.loads(json.dumps(expansion_state(cache, ctrl, swap=cache)))
     assert state["mode"] == "adaptive" and state["layers_on_host"] == 3 and state["target_layers_on_host"] == 0
     assert state["host_memory_limit"] is None and state["num_layers"] == 6
     off = expansion_state(DeviceKVCache(4, 10, 4, 2, 4, torch.float32, torch.device("cpu")))
