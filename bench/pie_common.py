@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +62,12 @@ def pie_workload(n: int, input_len: tuple[int, int], output_len: tuple[int, int]
     return workload(n, input_len, output_len, seed=seed, vocab=PIE_MODEL_KW["vocab"])
 
 
-def layer_block_bytes(dtype_bytes: int = 4) -> int:
-    """Bytes of one KV block of one layer."""
+def layer_block_bytes(dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of one KV block of one layer of the bench model."""
+    from pie_engine.kv.cache import kv_block_bytes
+
     head_dim = PIE_MODEL_KW["hidden"] // PIE_MODEL_KW["heads"]
-    return 2 * BLOCK_SIZE * PIE_MODEL_KW["kv_heads"] * head_dim * dtype_bytes
+    return kv_block_bytes(BLOCK_SIZE, PIE_MODEL_KW["kv_heads"], head_dim, dtype)
 
 
 def workload_kv_bytes(reqs: list[Request]) -> int:
@@ -184,7 +186,8 @@ def run_offline(label: str, reqs: list[Request], budget_bytes: int | None, expan
         from pie_engine.runner.model_runner import ModelRunner
 
         shadow_budget = PIE_MODEL_KW["layers"] * int(config.gpu_memory_budget)
-        shadow = ModelRunner(replace(config, expansion="off", gpu_memory_budget=str(shadow_budget)))
+        shadow = ModelRunner(config.model_copy(update={"expansion": "off",
+                                                       "gpu_memory_budget": str(shadow_budget)}))
     recorder = ForwardRecorder(engine.runner, critical_path, shadow)
     before = engine.kv_runtime.state()
     params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]

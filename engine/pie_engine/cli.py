@@ -5,31 +5,23 @@ NOTE: the operator starts engines with exactly these ``serve`` flags; renaming o
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
 import sys
 from enum import Enum
 from pathlib import Path
+from typing import Any, NoReturn, cast
 
+import annotated_types
 import typer
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
-from pie_engine.config import EngineConfig, parse_budget, parse_bytes
+from pie_engine.config import NOT_A_FLAG, EngineConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pie LLM engine")
-
-
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class Arch(str, Enum):
@@ -39,7 +31,7 @@ class Arch(str, Enum):
     opt = "opt"
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
 
@@ -48,13 +40,8 @@ def _exit_quietly(signum: int, frame: object) -> None:
     sys.exit(0)
 
 
-def _check_expansion(value: str) -> None:
-    from pie_engine.pie.controller_config import parse_expansion
-
-    try:
-        parse_expansion(value)
-    except ValueError:
-        _fail(f"--expansion must be off, adaptive or a ratio >= 1.0 (e.g. 2.0), got {value!r}")
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 def _admin_token(path: Path | None) -> str | None:
@@ -70,61 +57,54 @@ def _admin_token(path: Path | None) -> str | None:
     return token
 
 
-@app.command()
-def serve(
-    model: Path = typer.Option(..., help="model directory (config.json, *.safetensors, tokenizer.json)"),
-    host: str = typer.Option("0.0.0.0", help="address to bind"),
-    port: int = typer.Option(8000, min=1, max=65535, help="port to bind"),
-    served_model_name: str | None = typer.Option(None, help="model name in the API (default: the directory name)"),
-    dtype: DType = typer.Option(DType.auto, help="weights and KV dtype"),
-    device: Device = typer.Option(Device.auto, help="cuda if available, else cpu"),
-    max_model_len: int | None = typer.Option(None, min=1, help="default: the model's max_position_embeddings"),
-    block_size: int = typer.Option(16, min=1, help="tokens per KV block"),
-    max_num_seqs: int = typer.Option(64, min=1, help="max sequences in a batch"),
-    max_num_batched_tokens: int = typer.Option(2048, min=1, help="max tokens per step (chunked prefill budget)"),
-    gpu_memory_budget: str | None = typer.Option(None, help='device KV budget: bytes ("8Gi") or a GPU fraction'),
-    num_device_blocks: int | None = typer.Option(None, min=1, help="exact device KV blocks per layer (overrides)"),
-    enable_prefix_caching: bool = typer.Option(False, "--enable-prefix-caching", help="reuse KV of shared prefixes"),
-    max_waiting_requests: int = typer.Option(256, min=1, help="answer 429 beyond this many waiting requests"),
-    seed: int = typer.Option(0, help="seed for requests without their own seed"),
-    expansion: str = typer.Option("off", help="Pie KV expansion: off | adaptive | <ratio>"),
-    host_memory_limit: str | None = typer.Option(None, help='cap on host KV memory, bytes ("16Gi")'),
-    admin_token_file: Path | None = typer.Option(
-        None, help="file with the bearer token for admin endpoints (default: $PIE_ADMIN_TOKEN; none: disabled)"),
-    swap_staging_slots: int = typer.Option(2, min=1, help="Pie: device slots host-backed layers rotate through"),
-    expansion_epsilon: float = typer.Option(0.05, min=0.0, help="adaptive: shrink when latency overhead > this"),
-    expansion_grow_overhead: float = typer.Option(0.04, min=0.0, help="adaptive: grow only while overhead < this"),
-    expansion_window: int = typer.Option(8, min=1, help="adaptive: iterations of evidence per decision"),
-    expansion_cooldown: int = typer.Option(4, min=0, help="adaptive: iterations ignored after a change"),
-    log_level: str = typer.Option("info", help="uvicorn / engine log level"),
-) -> None:
-    """Run the OpenAI-compatible server."""
-    if not (model / "config.json").is_file():
-        _fail(f"--model {model}: no config.json there (expected an HF-format model directory)")
-    _check_expansion(expansion)
-    try:
-        if host_memory_limit is not None:
-            parse_bytes(host_memory_limit)
-        if gpu_memory_budget is not None:
-            parse_budget(gpu_memory_budget, total=1)  # syntax only; the device total is known after loading
-    except ValueError as e:
-        _fail(str(e))
-    admin_token = _admin_token(admin_token_file)
-    config = EngineConfig(
-        model=str(model), served_model_name=served_model_name, dtype=dtype.value, device=device.value,
-        max_model_len=max_model_len, block_size=block_size, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens, gpu_memory_budget=gpu_memory_budget,
-        num_device_blocks=num_device_blocks, enable_prefix_caching=enable_prefix_caching,
-        max_waiting_requests=max_waiting_requests, seed=seed, expansion=expansion,
-        host_memory_limit=host_memory_limit, swap_staging_slots=swap_staging_slots,
-        expansion_epsilon=expansion_epsilon, expansion_grow_overhead=expansion_grow_overhead,
-        expansion_window=expansion_window, expansion_cooldown=expansion_cooldown)
-    from pie_engine.pie.runtime import controller_config_from
+# `serve` flags that are not EngineConfig fields: where and how the server runs.
+_SERVER_OPTIONS = [
+    ("host", str, typer.Option("0.0.0.0", help="address to bind")),
+    ("port", int, typer.Option(8000, min=1, max=65535, help="port to bind")),
+    ("admin_token_file", Path | None, typer.Option(
+        None, help="file with the bearer token for admin endpoints (default: $PIE_ADMIN_TOKEN; none: disabled)")),
+    ("log_level", str, typer.Option("info", help="uvicorn / engine log level")),
+]
 
+
+def _config_option(name: str, field: FieldInfo) -> typer.models.OptionInfo:
+    """The typer option of one EngineConfig field: its default, description and ge/le bounds."""
+    ge = next((cast(float, m.ge) for m in field.metadata if isinstance(m, annotated_types.Ge)), None)
+    le = next((cast(float, m.le) for m in field.metadata if isinstance(m, annotated_types.Le)), None)
+    default = ... if field.is_required() else field.default
+    return typer.Option(default, _flag(name), help=field.description, min=ge, max=le)
+
+
+def _serve_signature() -> inspect.Signature:
+    """`serve`'s parameters, in --help order: --model, the server's options, then the other EngineConfig fields."""
+    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=field.annotation,
+                                default=_config_option(name, field))
+              for name, field in EngineConfig.model_fields.items() if field.json_schema_extra != NOT_A_FLAG]
+    server = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=option)
+              for name, ann, option in _SERVER_OPTIONS]
+    return inspect.Signature(params[:1] + server + params[1:], return_annotation=None)
+
+
+def build_config(values: dict[str, Any]) -> EngineConfig:
+    """The EngineConfig of `serve`'s flag values; a validation error exits 2 with ``error: --flag: reason``."""
     try:
-        controller_config_from(config)
-    except ValueError as e:
-        _fail(f"--expansion-epsilon / --expansion-grow-overhead: {e}")
+        return EngineConfig(**values)
+    except ValidationError as e:
+        reasons = []
+        for err in e.errors():
+            reason = str(err["ctx"]["error"]) if "error" in err.get("ctx", {}) else err["msg"]
+            reasons.append(f"{_flag(str(err['loc'][0]))}: {reason}" if err["loc"] else reason)
+        _fail("; ".join(reasons))
+
+
+def serve(**options: Any) -> None:
+    """Run the OpenAI-compatible server."""
+    host, port, log_level = options.pop("host"), options.pop("port"), options.pop("log_level")
+    admin_token_file = options.pop("admin_token_file")
+    if not (Path(options["model"]) / "config.json").is_file():
+        _fail(f"--model {options['model']}: no config.json there (expected an HF-format model directory)")
+    config = build_config(options)
+    admin_token = _admin_token(admin_token_file)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
@@ -142,6 +122,11 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_quietly)
     uvicorn.run(fastapi_app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=30)
+
+
+# typer reads the flags from the signature: the server's options, then one per EngineConfig field.
+serve.__signature__ = _serve_signature()  # type: ignore[attr-defined]
+app.command()(serve)
 
 
 @app.command("make-test-model")

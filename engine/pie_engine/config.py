@@ -1,69 +1,92 @@
-"""Engine configuration: one dataclass, filled from the CLI (`pie-engine serve`) or by tests."""
+"""Engine configuration: one pydantic model. ``pie-engine serve`` generates its flags from these fields (cli.py):
+a field's default, description and bounds are the flag's default, help and range, so they are written only here.
+A bad value fails when the model is built or assigned, from the CLI or from Python alike."""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import JsonDict
 
+from pie_engine.quantity import parse_budget, parse_bytes
 
-def parse_bytes(value: str | int) -> int:
-    """Parse a byte quantity: 1073741824, "8Gi", "512Mi", "2G" (Kubernetes quantity suffixes)."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?)?\s*", str(value))
-    if not m:
-        raise ValueError(f"not a byte quantity: {value!r} (use e.g. 1073741824, 8Gi, 512Mi)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+# json_schema_extra marker: a field for benchmarks and tests, deliberately not a `serve` flag.
+NOT_A_FLAG: JsonDict = {"cli": False}
 
 
-def parse_budget(value: str | int | float, total: int | None) -> int:
-    """A memory budget is bytes ("8Gi") or a fraction of ``total`` ("0.9"). Fractions need a known total."""
-    if isinstance(value, float) or (isinstance(value, str) and re.fullmatch(r"\s*0?\.\d+\s*|\s*1(\.0*)?\s*", value)):
-        frac = float(value)
-        if not 0.0 < frac <= 1.0:
-            raise ValueError(f"a memory fraction must be in (0, 1], got {value}")
-        if total is None:
-            raise ValueError(f"memory budget {value!r} is a fraction, but no device total is known (CPU): use bytes")
-        return int(frac * total)
-    return parse_bytes(value)
-
-
-@dataclass
-class EngineConfig:
+class EngineConfig(BaseModel):
     """All engine knobs. vLLM names where vLLM has one."""
 
-    model: str  # directory with config.json, *.safetensors, tokenizer.json
-    served_model_name: str | None = None  # default: the model directory's name
-    dtype: str = "auto"  # auto (checkpoint's torch_dtype) | float32 | bfloat16 | float16
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    # Device KV budget: bytes ("8Gi") or a GPU fraction ("0.9"); on CPU it must be bytes. None: a small default
-    # on CPU, 0.9 of free GPU memory minus weights on CUDA.
-    gpu_memory_budget: str | None = None
-    num_device_blocks: int | None = None  # test override: exact number of KV blocks per layer on the device
-    enable_prefix_caching: bool = False
-    max_waiting_requests: int = 256  # the server answers 429 beyond this
-    seed: int = 0
-    # Pie (kv_swap.py / expansion.py)
-    expansion: str = "off"  # off | adaptive | <ratio>, e.g. 2.0
-    host_memory_limit: str | None = None  # bytes cap on host KV; None: unlimited (bounded by what the model needs)
-    swap_staging_slots: int = 2  # k: device slots the host-backed layers rotate through (docs/pie.md)
-    expansion_epsilon: float = 0.05  # adaptive: shrink m when the swapping latency overhead exceeds this
-    expansion_grow_overhead: float = 0.04  # adaptive: grow m only while the overhead is below this
-    expansion_window: int = 8  # adaptive: iterations of evidence per decision
-    expansion_cooldown: int = 4  # adaptive: iterations ignored after a change
-    # Benchmarks/tests only: throttle every KV copy to this link (copy_engine.LinkModel), to model PCIe vs NVLink-C2C.
-    swap_link_bytes_per_s: float | None = None
-    swap_link_latency_s: float = 0.0
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str = Field(description="model directory (config.json, *.safetensors, tokenizer.json)")
+    served_model_name: str | None = Field(None, description="model name in the API (default: the directory name)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and KV dtype (auto: the checkpoint's torch_dtype)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available, else cpu")
+    max_model_len: int | None = Field(None, ge=1, description="default: the model's max_position_embeddings")
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    max_num_seqs: int = Field(64, ge=1, description="max sequences in a batch")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="max tokens per step (chunked prefill budget)")
+    gpu_memory_budget: str | None = Field(None, description=(
+        'device KV budget: bytes ("8Gi") or a GPU fraction ("0.9"; CUDA only). Default: 256Mi on CPU, 0.9 of the '
+        "GPU minus what is already used on CUDA"))
+    num_device_blocks: int | None = Field(None, ge=1,
+                                          description="exact device KV blocks per layer (overrides the budget)")
+    enable_prefix_caching: bool = Field(False, description="reuse KV of shared prefixes")
+    max_waiting_requests: int = Field(256, ge=1, description="answer 429 beyond this many waiting requests")
+    seed: int = Field(0, description="seed for requests without their own seed")
+    # Pie (docs/pie.md)
+    expansion: str = Field("off", description="Pie KV expansion: off | adaptive | <ratio >= 1>, e.g. 2.0")
+    host_memory_limit: str | None = Field(None, description=(
+        'cap on host KV memory, bytes ("16Gi"). Default: bounded only by what the model needs'))
+    swap_staging_slots: int = Field(2, ge=1, description="Pie: device slots host-backed layers rotate through")
+    expansion_epsilon: float = Field(0.05, ge=0.0, description="adaptive: shrink when latency overhead > this")
+    expansion_grow_overhead: float = Field(0.04, ge=0.0, description="adaptive: grow only while overhead < this")
+    expansion_window: int = Field(8, ge=1, description="adaptive: iterations of evidence per decision")
+    expansion_cooldown: int = Field(4, ge=0, description="adaptive: iterations ignored after a change")
+    # Throttle every KV copy to this link (copy_engine.LinkModel), to model PCIe vs NVLink-C2C in benchmarks.
+    swap_link_bytes_per_s: float | None = Field(None, gt=0.0, json_schema_extra=NOT_A_FLAG)
+    swap_link_latency_s: float = Field(0.0, ge=0.0, json_schema_extra=NOT_A_FLAG)
 
     @property
     def model_name(self) -> str:
-        from pathlib import Path
-
+        """The name clients use for this model in the API."""
         return self.served_model_name or Path(self.model).name
+
+    @field_validator("gpu_memory_budget")
+    @classmethod
+    def _budget(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_budget(v)  # syntax and range; a fraction's bytes are known only once the device is
+        return v
+
+    @field_validator("host_memory_limit")
+    @classmethod
+    def _host_limit(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_bytes(v)
+        return v
+
+    @field_validator("expansion")
+    @classmethod
+    def _expansion(cls, v: str) -> str:
+        from pie_engine.pie.controller_config import parse_expansion  # pure; lazy: the config sits below pie/
+
+        parse_expansion(v)
+        return v
+
+    @model_validator(mode="after")
+    def _controller(self) -> EngineConfig:
+        # The expansion controller's own consistency rules (e.g. grow_overhead < epsilon) live with it; checking them
+        # here makes a bad combination fail at construction, not when the first request arrives.
+        from pie_engine.pie.runtime import controller_config_from
+
+        try:
+            controller_config_from(self)
+        except ValueError as e:
+            raise ValueError(f"expansion controller settings (--expansion-epsilon, --expansion-grow-overhead, "
+                             f"--expansion-window, --expansion-cooldown): {e}") from None
+        return self

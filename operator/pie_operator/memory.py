@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from pie_operator.spec import MemorySpec, format_bytes, is_percent, parse_quantity
+from pie_operator.spec import MemorySpec, format_bytes, is_percent, parse_bytes
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def headroom_bytes(memory: MemorySpec, pool_bytes: int) -> int:
     """Extra host memory on top of the KV pool: a fixed quantity or a percentage of the pool."""
     if is_percent(memory.headroom):
         return math.ceil(pool_bytes * float(str(memory.headroom).rstrip("%")) / 100.0)
-    return parse_quantity(memory.headroom)
+    return parse_bytes(memory.headroom)
 
 
 def initial_decision(memory: MemorySpec) -> MemoryDecision:
@@ -46,10 +46,10 @@ def initial_decision(memory: MemorySpec) -> MemoryDecision:
         expansion += ".0"  # "2" -> "2.0": the engine reads a bare integer the same, humans read a ratio
     hm = memory.host_memory
     return MemoryDecision(
-        host_pool_bytes=0 if mode == "off" else parse_quantity(hm.min),
+        host_pool_bytes=0 if mode == "off" else parse_bytes(hm.min),
         gpu_memory_budget=memory.gpu_memory_budget,
         expansion=expansion,
-        host_memory_limit=None if mode == "off" or hm.max is None else parse_quantity(hm.max),
+        host_memory_limit=None if mode == "off" or hm.max is None else parse_bytes(hm.max),
     )
 
 
@@ -65,12 +65,12 @@ def pool_bounds(memory: MemorySpec) -> tuple[int, int | None]:
     if memory.expansion.mode == "off":
         return 0, None
     hm = memory.host_memory
-    return parse_quantity(hm.min), None if hm.max is None else parse_quantity(hm.max)
+    return parse_bytes(hm.min), None if hm.max is None else parse_bytes(hm.max)
 
 
 def request_bytes(memory: MemorySpec, pool_bytes: int) -> int:
     """Pod memory request for a KV pool: base + pool + headroom(pool)."""
-    return parse_quantity(memory.base) + pool_bytes + headroom_bytes(memory, pool_bytes)
+    return parse_bytes(memory.base) + pool_bytes + headroom_bytes(memory, pool_bytes)
 
 
 def limit_bytes(memory: MemorySpec, decision: MemoryDecision, request: int) -> int | None:

@@ -17,10 +17,12 @@ from pydantic.alias_generators import to_camel
 from pie_operator.quantity import (  # noqa: F401 -- re-exported: callers import the helpers from here
     BUDGET_RE,
     PERCENT_RE,
+    QUANTITY_OR_PERCENT_RE,
     QUANTITY_RE,
     format_bytes,
     is_percent,
-    parse_quantity,
+    parse_budget,
+    parse_bytes,
     resolve_int_or_percent,
 )
 
@@ -136,12 +138,12 @@ class HostMemory(_Model):
     @classmethod
     def _quantity(cls, v: int | str | None) -> int | str | None:
         if v is not None:
-            parse_quantity(v)
+            parse_bytes(v)
         return v
 
     @model_validator(mode="after")
     def _ordered(self) -> HostMemory:
-        if self.max is not None and parse_quantity(self.min) > parse_quantity(self.max):
+        if self.max is not None and parse_bytes(self.min) > parse_bytes(self.max):
             raise ValueError(f"memory.hostMemory.min ({self.min}) must be <= memory.hostMemory.max ({self.max})")
         return self
 
@@ -173,9 +175,8 @@ class TuningSpec(_Model):
     @field_validator("gpu_memory_budget_min")
     @classmethod
     def _budget(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(BUDGET_RE, v):
-            raise ValueError(f"memory.tuning.gpuMemoryBudgetMin {v!r} is neither a fraction in (0, 1] nor a byte "
-                             "quantity")
+        if v is not None:
+            parse_budget(v)
         return v
 
 
@@ -191,21 +192,20 @@ class MemorySpec(_Model):
     @field_validator("gpu_memory_budget")
     @classmethod
     def _budget(cls, v: str) -> str:
-        if not re.fullmatch(BUDGET_RE, v):
-            raise ValueError(f"memory.gpuMemoryBudget {v!r} is neither a fraction in (0, 1] nor a byte quantity")
+        parse_budget(v)
         return v
 
     @field_validator("base")
     @classmethod
     def _base(cls, v: int | str) -> int | str:
-        parse_quantity(v)
+        parse_bytes(v)
         return v
 
     @field_validator("headroom")
     @classmethod
     def _headroom(cls, v: int | str) -> int | str:
         if not is_percent(v):
-            parse_quantity(v)
+            parse_bytes(v)
         return v
 
 

@@ -20,7 +20,7 @@ from pie_operator.decisions import Change, GpuInputs, MemoryInputs, OOMKill, Tun
 from pie_operator.memory import MemoryDecision, limit_bytes, pool_bounds, request_bytes
 from pie_operator.observe import PodView
 from pie_operator.planning import Pod, memory_request
-from pie_operator.quantity import format_bytes, parse_quantity, resolve_budget
+from pie_operator.quantity import format_bytes, parse_bytes, resolve_budget
 from pie_operator.spec import PieDeploymentSpec
 
 TS = "%Y-%m-%dT%H:%M:%SZ"
@@ -103,7 +103,7 @@ def template_request(spec: PieDeploymentSpec, previous: str | None) -> int:
     lo_pool, hi_pool = pool_bounds(spec.memory)
     lo = request_bytes(spec.memory, lo_pool)
     hi = None if hi_pool is None else request_bytes(spec.memory, hi_pool)
-    value = parse_quantity(previous) if previous else lo
+    value = parse_bytes(previous) if previous else lo
     return max(lo, value if hi is None else min(value, hi))
 
 
@@ -129,7 +129,7 @@ def plan_tuning(spec: PieDeploymentSpec, decision: MemoryDecision, pods: list[Po
         if (current := memory_request(pod)) is not None:
             oom, marker = oom_kill(pod, prev)
             c = decide_memory(MemoryInputs(
-                current=parse_quantity(current), min_pool=min_pool, max_pool=max_pool,
+                current=parse_bytes(current), min_pool=min_pool, max_pool=max_pool,
                 to_request=lambda pool: request_bytes(mem, pool), samples=view.samples, stale=stale,
                 last_change=parse_ts(prev.get("memoryChangedAt")) or born, oom=oom), now, t)
             if c is not None:
@@ -163,7 +163,8 @@ def _memory_action(out: TuningPlan, name: str, c: Change, apply: str, resize_sup
 def _gpu_change(spec: PieDeploymentSpec, t: Tuning, pod: Pod, prev: dict[str, Any], view: PodView, stale: bool,
                 born: float, now: float) -> GpuChange | None:
     name, effective = pod["metadata"]["name"], effective_budget(pod, prev)
-    total = view.last.metrics.bytes("pie_gpu_memory_total_bytes") if view.last and view.last.ok else None
+    metrics = view.last.metrics if view.last and view.last.ok else None
+    total = metrics.bytes("pie_gpu_memory_total_bytes") if metrics else None
     wanted = spec.memory.gpu_memory_budget
     if spec.memory.tuning.gpu_memory_budget_min is None:
         if not effective or effective == wanted:

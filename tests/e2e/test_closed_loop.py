@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pie_operator.quantity import parse_quantity
+from pie_operator.quantity import parse_bytes
 from tests.cluster.cluster import Cluster
 from tests.e2e.engines import EngineFleet, Load
 from tests.e2e.helpers import PYTHONPATH, REPO, Operator, condition, events, get, new_namespace, wait_for
@@ -211,8 +211,8 @@ def test_gpu_budget_follows_the_engine_live(k8s: Cluster, ns: str, operator: Ope
     patch(k8s, ns, LOOP, {"memory": {"tuning": {"gpuMemoryBudgetMin": "256Ki"}}})
     d = wait_for(live("Metrics"), "the budget to follow pie_recommended_gpu_memory_bytes", timeout=60, op=operator)
     recommended = int(httpx.get(url, trust_env=False).json()["recommended_gpu_memory_bytes"])
-    assert d["from"] == "3Mi" and parse_quantity(d["to"]) == max(-(-recommended // Mi) * Mi, 256 * 1024)
-    assert engine_budget() == parse_quantity(d["to"])
+    assert d["from"] == "3Mi" and parse_bytes(d["to"]) == max(-(-recommended // Mi) * Mi, 256 * 1024)
+    assert engine_budget() == parse_bytes(d["to"])
 
     patch(k8s, ns, LOOP, {"memory": {"gpuMemoryBudget": "3Mi", "tuning": {"gpuMemoryBudgetMin": None}}})
     wait_for(live("Spec", "3Mi"), "the spec's budget, live", timeout=30, op=operator)

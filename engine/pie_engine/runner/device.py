@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
-from pie_engine.config import EngineConfig, parse_budget
-from pie_engine.kv.cache import kv_block_bytes as kv_spec_block_bytes
+from pie_engine.config import EngineConfig
+from pie_engine.kv.cache import kv_block_bytes
 from pie_engine.models.model_config import ModelConfig
+from pie_engine.quantity import parse_budget
 
-CPU_DEFAULT_KV_BUDGET = 256 * 2**20  # bytes of device KV on CPU when no budget is given
-CUDA_DEFAULT_FRACTION = "0.9"  # of total GPU memory for everything the engine holds
+CPU_DEFAULT_KV_BUDGET = "256Mi"  # device KV on CPU when no budget is given
+CUDA_DEFAULT_BUDGET = "0.9"  # of total GPU memory, for everything the engine holds
 _ACTIVATION_SLACK = 512 * 2**20  # CUDA context fragments, allocator caching, kernels' workspaces
 
 
@@ -26,11 +26,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {name!r}; use auto, cpu or cuda")
     return device
-
-
-def kv_block_bytes(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one KV block of ONE layer (K and V), for a model not yet loaded (no KVSpec yet)."""
-    return kv_spec_block_bytes(block_size, model_config.num_key_value_heads, model_config.head_dim, dtype)
 
 
 def _nvml_index(device: torch.device) -> int | str:
@@ -71,12 +66,6 @@ def activation_reserve(config: EngineConfig, model_config: ModelConfig, dtype: t
     return tokens * per_token + logits + _ACTIVATION_SLACK
 
 
-def _is_fraction(value: str | int | float) -> bool:
-    # Same rule as config.parse_budget: "0.9", ".5", "1", "1.0" are fractions; "8Gi" and plain ints are bytes.
-    return isinstance(value, float) or (isinstance(value, str)
-                                        and re.fullmatch(r"\s*0?\.\d+\s*|\s*1(\.0*)?\s*", value) is not None)
-
-
 def num_blocks_for_budget(config: EngineConfig, model_config: ModelConfig, device: torch.device,
                           dtype: torch.dtype) -> int:
     """Device KV blocks per layer for the configured budget; call it after the weights are on the device.
@@ -86,17 +75,17 @@ def num_blocks_for_budget(config: EngineConfig, model_config: ModelConfig, devic
     other processes) minus an activation reserve. Default: 256Mi on CPU, "0.9" on CUDA.
     """
     if config.num_device_blocks is not None:
-        if config.num_device_blocks < 1:
-            raise ValueError(f"num_device_blocks must be >= 1, got {config.num_device_blocks}")
         return config.num_device_blocks
-    per_block = kv_block_bytes(model_config, config.block_size, dtype) * model_config.num_hidden_layers
+    per_block = model_config.num_hidden_layers * kv_block_bytes(
+        config.block_size, model_config.num_key_value_heads, model_config.head_dim, dtype)
     info = device_memory_info(device)
-    value: str | int = CPU_DEFAULT_KV_BUDGET if info is None else CUDA_DEFAULT_FRACTION
-    if config.gpu_memory_budget is not None:
-        value = config.gpu_memory_budget
-    total = info[0] if info else None
-    budget = parse_budget(value, total)
-    if _is_fraction(value) and info is not None:
+    value = config.gpu_memory_budget or (CPU_DEFAULT_KV_BUDGET if info is None else CUDA_DEFAULT_BUDGET)
+    parsed = parse_budget(value)
+    budget = parsed.resolve(info[0] if info else None)
+    if budget is None:
+        raise ValueError(f"memory budget {value!r} is a fraction of the GPU, but {device} has no known total "
+                         "memory: give bytes (e.g. 2Gi)")
+    if parsed.fraction is not None and info is not None:
         budget -= info[1] + activation_reserve(config, model_config, dtype)
     blocks = budget // per_block
     if blocks < 1:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from pie_operator import spec as S
+from pie_operator.quantity import MAX_BYTES, format_bytes
 from tests.unit.operator.test_spec import MINIMAL, spec_with
 
 CRD_PATH = Path(__file__).resolve().parents[3] / "crds" / "piedeployments.pie.io.yaml"
@@ -145,16 +146,30 @@ def test_enums_match(path: str, model: type, field: str) -> None:
 def test_patterns_match_the_operator() -> None:
     mem = SPEC["properties"]["memory"]["properties"]
     assert mem["gpuMemoryBudget"]["pattern"] == S.BUDGET_RE
-    assert mem["hostMemory"]["properties"]["min"]["pattern"] == S.QUANTITY_RE
-    assert mem["base"]["pattern"] == S.QUANTITY_RE
     assert mem["tuning"]["properties"]["gpuMemoryBudgetMin"]["pattern"] == S.BUDGET_RE
+    assert mem["hostMemory"]["properties"]["min"]["pattern"] == S.QUANTITY_RE
+    assert mem["hostMemory"]["properties"]["max"]["pattern"] == S.QUANTITY_RE
+    assert mem["base"]["pattern"] == S.QUANTITY_RE
+    assert mem["headroom"]["pattern"] == S.QUANTITY_OR_PERCENT_RE
     assert SPEC["properties"]["rollout"]["properties"]["maxSurge"]["pattern"] == S.PERCENT_RE
     (rule,) = SPEC["properties"]["engine"]["properties"]["args"]["x-kubernetes-validations"]
     assert S.OWNED_FLAGS_RE in rule["rule"]
 
 
+def test_every_byte_quantity_has_the_range_rule() -> None:
+    """The pattern admits the syntax; one CEL rule per field adds the parser's range (tests/e2e/test_quantity.py)."""
+    mem = SPEC["properties"]["memory"]["properties"]
+    fields = [mem["gpuMemoryBudget"], mem["tuning"]["properties"]["gpuMemoryBudgetMin"], mem["base"],
+              mem["headroom"], mem["hostMemory"]["properties"]["min"], mem["hostMemory"]["properties"]["max"]]
+    for node in fields:
+        (rule,) = node["x-kubernetes-validations"]
+        assert f"quantity('{format_bytes(MAX_BYTES)}')" in rule["rule"] and "quantity('1')" in rule["rule"]
+    quantity_fields = [n for _, n in NODES if "[KMGTPE]i" in n.get("pattern", "")]
+    assert len(quantity_fields) == len(fields)
+
+
 @pytest.mark.parametrize(("value", "ok"), [("0.9", True), (".5", True), ("1", True), ("1.0", True), ("80Gi", True),
-                                           ("1.5Gi", True), ("1000", True), ("0.0", False), ("1.5", False),
-                                           ("90%", False), ("8GB", False)])
+                                           ("1.5Gi", True), ("1000", True), ("1e9", True), ("0.0", False),
+                                           ("1.5", False), ("90%", False), ("8GB", False), ("-1", False)])
 def test_budget_pattern(value: str, ok: bool) -> None:
     assert (re.fullmatch(S.BUDGET_RE, value) is not None) == ok

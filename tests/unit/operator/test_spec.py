@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from pie_operator.memory import decide, headroom_bytes, pod_memory
-from pie_operator.spec import PieDeploymentSpec, RolloutSpec, format_bytes, parse_quantity
+from pie_operator.spec import PieDeploymentSpec, RolloutSpec, format_bytes, parse_bytes
 
 MINIMAL: dict[str, Any] = {"model": {"path": "/models/tiny"}, "engine": {"image": "pie-engine:0.1.0"}}
 
@@ -67,9 +67,13 @@ def test_defaults(path: str, expected: Any) -> None:
     ({"memory.expansion.ratio": 2.0}, "only allowed with memory.expansion.mode: static"),
     ({"memory.expansion.mode": "static"}, "required when memory.expansion.mode is static"),
     ({"memory.expansion.mode": "static", "memory.expansion.ratio": 0.5}, "greater than or equal to 1"),
-    ({"memory.gpuMemoryBudget": "1.5"}, "neither a fraction"),
-    ({"memory.gpuMemoryBudget": "0.0"}, "neither a fraction"),
+    ({"memory.gpuMemoryBudget": "1.5"}, "must be in (0, 1]"),
+    ({"memory.gpuMemoryBudget": "0.0"}, "must be in (0, 1]"),
+    ({"memory.gpuMemoryBudget": "512m"}, "less than one byte"),
+    ({"memory.tuning.gpuMemoryBudgetMin": "8GB"}, "not a byte quantity"),
     ({"memory.hostMemory.min": "64GB"}, "not a byte quantity"),
+    ({"memory.hostMemory.max": "512m"}, "less than one byte"),
+    ({"memory.base": "2Ei"}, "more than 1Ei"),
     ({"memory.headroom": "ten"}, "not a byte quantity"),
     ({"rollout.maxSurge": 0, "rollout.maxUnavailable": "0%"}, "must not both be 0"),
     ({"rollout.maxSurge": "many"}, "percentage"),
@@ -96,16 +100,16 @@ def test_missing_model_is_rejected() -> None:
 
 @pytest.mark.parametrize(("value", "expected"), [
     ("0", 0), (1024, 1024), ("1Ki", 1024), ("16Gi", 16 * 2**30), ("1.5Gi", 3 * 2**29), ("2G", 2 * 10**9),
-    ("100k", 100_000), ("3M", 3_000_000), ("1Ti", 2**40), ("0.5", 1),
+    ("100k", 100_000), ("3M", 3_000_000), ("1Ti", 2**40), ("1.5", 2), ("1500m", 2), ("1e3", 1000),
 ])
-def test_parse_quantity(value: str | int, expected: int) -> None:
-    assert parse_quantity(value) == expected
+def test_parse_bytes(value: str | int, expected: int) -> None:
+    assert parse_bytes(value) == expected
 
 
-@pytest.mark.parametrize("value", ["", "1.5.2Gi", "8GB", "-1", "1m", "Gi", -5, True])
-def test_parse_quantity_rejects(value: Any) -> None:
+@pytest.mark.parametrize("value", ["", "1.5.2Gi", "8GB", "-1", "1m", "0.5", "Gi", -5, True])
+def test_parse_bytes_rejects(value: Any) -> None:
     with pytest.raises(ValueError):
-        parse_quantity(value)
+        parse_bytes(value)
 
 
 @pytest.mark.parametrize(("n", "expected"), [
@@ -113,7 +117,7 @@ def test_parse_quantity_rejects(value: Any) -> None:
 ])
 def test_format_bytes_round_trips(n: int, expected: str) -> None:
     assert format_bytes(n) == expected
-    assert parse_quantity(expected) == n
+    assert parse_bytes(expected) == n
 
 
 @pytest.mark.parametrize(("replicas", "surge", "unavailable", "expected"), [
@@ -153,8 +157,8 @@ def test_memory_decision(memory: dict[str, Any], args: tuple[str, str, int | Non
     d = decide(spec.memory)
     assert (d.gpu_memory_budget, d.expansion, d.host_memory_limit) == args
     req, lim = pod_memory(spec.memory, d)
-    assert parse_quantity(req) == mem_request
-    assert (None if lim is None else parse_quantity(lim)) == limit
+    assert parse_bytes(req) == mem_request
+    assert (None if lim is None else parse_bytes(lim)) == limit
     assert d.expansion_ratio == ratio
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pie_operator.quantity import is_percent, parse_quantity
+from pie_operator.quantity import is_percent, parse_bytes
 from pie_operator.spec import PieDeploymentSpec
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[3] / "examples").glob("*.yaml"))
@@ -43,11 +43,11 @@ def test_example_is_a_valid_spec_that_fits_a_gh200(path: Path) -> None:
         assert doc["apiVersion"] == "pie.io/v1alpha1" and "namespace" not in doc["metadata"]
         spec = PieDeploymentSpec.model_validate(doc["spec"])
         mem = spec.memory
-        cap = parse_quantity(mem.host_memory.max if mem.host_memory.max is not None else mem.host_memory.min)
+        cap = parse_bytes(mem.host_memory.max if mem.host_memory.max is not None else mem.host_memory.min)
         headroom = (math.ceil(cap * float(str(mem.headroom).rstrip("%")) / 100) if is_percent(mem.headroom)
-                    else parse_quantity(mem.headroom))
+                    else parse_bytes(mem.headroom))
         # The most host memory a pod of this spec can ask for: base + the pool's upper bound + its headroom.
-        assert parse_quantity(mem.base) + cap + headroom < GH200_HOST_MEMORY, path.name
+        assert parse_bytes(mem.base) + cap + headroom < GH200_HOST_MEMORY, path.name
         if spec.model.source.pvc is not None:
             claims = {d["metadata"]["name"] for d in docs(path) if d["kind"] == "PersistentVolumeClaim"}
             assert spec.model.source.pvc.claim_name in claims, "the example ships the PVC it mounts"

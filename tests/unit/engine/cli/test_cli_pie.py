@@ -32,7 +32,9 @@ def test_serve_has_the_pie_flags() -> None:
     (["--expansion-cooldown", "-1"], "--expansion-cooldown"),
     (["--expansion-epsilon", "-0.1"], "--expansion-epsilon"),
     (["--expansion-epsilon", "0.01", "--expansion-grow-overhead", "0.05"], "grow_overhead < epsilon"),
-    (["--host-memory-limit", "-5"], "not a byte quantity"),
+    (["--host-memory-limit", "-5"], "must be >= 0"),
+    (["--host-memory-limit", "512m"], "less than one byte"),
+    (["--gpu-memory-budget", "1.5"], "must be in (0, 1]"),
 ])
 def test_bad_pie_flags_fail_clearly(tiny_model, args: list[str], message: str) -> None:
     r = runner.invoke(app, ["serve", "--model", str(tiny_model("llama")), *args], env=ENV)

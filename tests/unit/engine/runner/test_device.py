@@ -6,14 +6,10 @@ import pytest
 import torch
 
 from pie_engine.config import EngineConfig
+from pie_engine.kv.cache import kv_block_bytes
 from pie_engine.models.model_config import ModelConfig
-from pie_engine.runner.device import (
-    CPU_DEFAULT_KV_BUDGET,
-    device_memory_info,
-    kv_block_bytes,
-    num_blocks_for_budget,
-    resolve_device,
-)
+from pie_engine.quantity import parse_bytes
+from pie_engine.runner.device import CPU_DEFAULT_KV_BUDGET, device_memory_info, num_blocks_for_budget, resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -21,16 +17,20 @@ def llama(tiny_model) -> ModelConfig:
     return ModelConfig.from_pretrained(tiny_model("llama", layers=2))  # 2 layers, 2 KV heads of dim 16
 
 
+def block_bytes(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    return kv_block_bytes(block_size, model.num_key_value_heads, model.head_dim, dtype)
+
+
 def test_block_bytes(llama: ModelConfig) -> None:
-    assert kv_block_bytes(llama, 16, torch.float32) == 2 * 16 * 2 * 16 * 4
-    assert kv_block_bytes(llama, 8, torch.bfloat16) == 2 * 8 * 2 * 16 * 2
+    assert block_bytes(llama, 16, torch.float32) == 2 * 16 * 2 * 16 * 4
+    assert block_bytes(llama, 8, torch.bfloat16) == 2 * 8 * 2 * 16 * 2
 
 
 def test_cpu_budgets(llama: ModelConfig) -> None:
     cpu = torch.device("cpu")
-    per_block_all_layers = kv_block_bytes(llama, 16, torch.float32) * 2
+    per_block_all_layers = block_bytes(llama, 16, torch.float32) * 2
     default = num_blocks_for_budget(EngineConfig(model="x"), llama, cpu, torch.float32)
-    assert default == CPU_DEFAULT_KV_BUDGET // per_block_all_layers
+    assert default == parse_bytes(CPU_DEFAULT_KV_BUDGET) // per_block_all_layers
     assert num_blocks_for_budget(EngineConfig(model="x", gpu_memory_budget="1Mi"), llama, cpu,
                                  torch.float32) == 2**20 // per_block_all_layers
     assert num_blocks_for_budget(EngineConfig(model="x", num_device_blocks=7, gpu_memory_budget="1Mi"), llama, cpu,
@@ -55,4 +55,4 @@ def test_gpu_memory_info_and_fraction(llama: ModelConfig) -> None:
     assert info is not None and info[0] > info[1] > 0
     blocks = num_blocks_for_budget(EngineConfig(model="x", gpu_memory_budget="0.5"), llama, torch.device("cuda"),
                                    torch.float16)
-    assert 0 < blocks * kv_block_bytes(llama, 16, torch.float16) * 2 < info[0] // 2
+    assert 0 < blocks * block_bytes(llama, 16, torch.float16) * 2 < info[0] // 2

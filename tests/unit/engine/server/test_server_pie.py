@@ -27,10 +27,11 @@ def block_bytes(model: Path) -> int:
     """Bytes of one KV block of all layers (what one block per layer of budget costs)."""
     import torch
 
+    from pie_engine.kv.cache import kv_block_bytes
     from pie_engine.models.model_config import ModelConfig
-    from pie_engine.runner.device import kv_block_bytes
 
-    return kv_block_bytes(ModelConfig.from_pretrained(str(model)), BS, torch.float32) * LAYERS
+    cfg = ModelConfig.from_pretrained(str(model))
+    return kv_block_bytes(BS, cfg.num_key_value_heads, cfg.head_dim, torch.float32) * LAYERS
 
 
 @pytest.fixture(scope="module")
