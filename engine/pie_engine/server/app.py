@@ -7,50 +7,28 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pie_engine.core.engine import LLMEngine
 from pie_engine.server.async_engine import AsyncEngine
+from pie_engine.server.errors import add_error_handlers, error_response
 from pie_engine.server.metrics import ServerMetrics
+from pie_engine.server.openapi import customize_openapi, error_responses, generation_responses
 from pie_engine.server.pie_routes import add_pie_routes
-from pie_engine.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from pie_engine.server.serving import ApiError
+from pie_engine.server.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
 from pie_engine.server.serving_chat import ChatServing
 from pie_engine.server.serving_completions import CompletionServing
 
 log = logging.getLogger(__name__)
-
-_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                 405: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
-
-
-def _error(status: int, message: str, type: str | None = None, param: str | None = None,
-           code: str | None = None) -> JSONResponse:
-    err = ApiError(status, message, type or _STATUS_TYPES.get(status, "server_error"), param, code)
-    return JSONResponse(err.body(), status_code=status)
-
-
-def _validation_error(exc: RequestValidationError) -> JSONResponse:
-    """Pydantic errors -> one readable 400 (FastAPI's default is a 422 with a list)."""
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    if first.get("type") == "json_invalid":
-        return _error(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "),
-                      code="invalid_json")
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    msg = "field required" if first.get("type") == "missing" else first.get("msg", "invalid value")
-    # A union field (e.g. prompt: str | list[int] | ...) fails once per accepted form, with the form in the loc.
-    same_field = [e for e in errors if tuple(e.get("loc", ()))[:2] == tuple(first.get("loc", ()))[:2]]
-    if len(same_field) > 1 and loc:
-        loc = loc[:1]
-        msg = f"invalid value: none of the {len(same_field)} accepted forms matched (first: {msg})"
-    param = ".".join(loc) or None
-    others = len(errors) - max(len(same_field), 1)
-    extra = f" (and {others} more errors)" if others > 0 else ""
-    return _error(400, f"{param}: {msg}{extra}" if param else f"{msg}{extra}", param=param, code="invalid_value")
 
 
 def create_app(engine: LLMEngine, *, max_waiting_requests: int | None = None, admin_token: str | None = None,
@@ -78,29 +56,13 @@ def create_app(engine: LLMEngine, *, max_waiting_requests: int | None = None, ad
     app.state.engine = engine
     app.state.async_engine = async_engine
     app.state.metrics = metrics
+    add_error_handlers(app)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
-
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionResponse))
     async def create_completion(req: CompletionRequest, raw: Request) -> Response:
         return await completions.create(req, raw)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
     async def create_chat_completion(req: ChatCompletionRequest, raw: Request) -> Response:
         return await chat.create(req, raw)
 
@@ -108,17 +70,19 @@ def create_app(engine: LLMEngine, *, max_waiting_requests: int | None = None, ad
     async def list_models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_name, max_model_len=engine.max_model_len)])
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"description": '{"status": "ok"}'}, **error_responses(503)})
     async def health() -> Response:
         if async_engine.dead is not None:
-            return _error(503, f"the engine failed: {async_engine.dead}")
+            return error_response(503, f"the engine failed: {async_engine.dead}")
         if not async_engine.accepting:
-            return _error(503, "shutting down")
+            return error_response(503, "shutting down")
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition format"}})
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     add_pie_routes(app, engine, async_engine, admin_token)  # GET /v1/pie/expansion, the admin budget endpoint
+    customize_openapi(app, model_name, engine.vocab_size, engine.max_model_len)
     return app

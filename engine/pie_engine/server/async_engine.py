@@ -103,7 +103,8 @@ class AsyncEngine:
             if self.num_waiting + len(requests) > self.max_waiting_requests:
                 raise QueueFullError(f"too many waiting requests (limit {self.max_waiting_requests}); retry later")
             self._pending_adds += len(requests)
-        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         arrival = arrival_time or time.monotonic()
         for rid, ids, params in requests:
             self._streams[rid] = (loop, q)

@@ -5,25 +5,42 @@ The admin contract is the operator's (operator/pie_operator/scrape.py, ``set_gpu
 the device KV budget in bytes (what ``--gpu-memory-budget 8Gi`` means, and what ``pie_recommended_gpu_memory_bytes``
 recommends). Answers: 200 ``{"applied": true, "gpu_memory_budget_bytes": N, ...}`` (applied live, between two
 engine steps); 409 ``{"error": {"message": "... needs a restart ..."}}`` (not possible live: an unfinished request
-needs more KV than the new budget holds, or the device could not allocate it); 400 bad input; 401 missing or wrong
-token; 403 when the engine was started without an admin token (admin disabled). The operator treats 401/403/404
-like 409 (it replaces the pod) and retries anything else later.
+needs more KV than the new budget holds, or the device could not allocate it); 400 bad input (the body is the
+``GpuBudgetRequest`` model: ``bytes`` a JSON integer in [1, 2^63 - 1]; checked after the token, except a body that
+is not JSON at all); 401 missing or wrong token; 403 when the engine was started without an admin token (admin
+disabled). The operator treats 401/403/404 like 409 (it replaces the pod) and retries anything else later.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from pie_engine.core.engine import LLMEngine
 from pie_engine.pie.runtime import BudgetError, NeedsRestartError
 from pie_engine.server.async_engine import AsyncEngine, EngineUnavailableError
+from pie_engine.server.openapi import Responses, error_responses
+from pie_engine.server.protocol import INT64_MAX
 from pie_engine.server.serving import ApiError
 
 ADMIN_PATH = "/v1/pie/admin/gpu-memory-budget"
+# Documents the bearer scheme in the OpenAPI schema; the check itself is _authorize (403 when admin is disabled,
+# and a constant-time comparison), so missing credentials are not rejected here.
+_bearer = HTTPBearer(auto_error=False, description="the admin token (--admin-token-file or PIE_ADMIN_TOKEN)")
+
+
+class GpuBudgetRequest(BaseModel):
+    """Body of the admin endpoint: the new device KV budget."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    # Strict: `true` or 1.5e6 bytes is a client bug, not a budget. At most int64, as every byte count on the way
+    # down is one.
+    bytes: StrictInt = Field(gt=0, le=INT64_MAX, description="device KV budget in bytes")
 
 
 def _authorize(request: Request, token: str | None) -> None:
@@ -38,32 +55,24 @@ def _authorize(request: Request, token: str | None) -> None:
                        code="invalid_token")
 
 
-async def _budget_bytes(request: Request) -> int:
-    try:
-        body = json.loads(await request.body())
-    except ValueError as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", "invalid_request_error",
-                       code="invalid_json") from None
-    value = body.get("bytes") if isinstance(body, dict) else None
-    # bool is an int in Python; a budget of `true` bytes is a client bug, not 1 byte.
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ApiError(400, f'expected a JSON object {{"bytes": N}} with N a positive integer, got {body!r}'[:300],
-                       "invalid_request_error", param="bytes", code="invalid_value")
-    return value
-
-
 def add_pie_routes(app: FastAPI, engine: LLMEngine, async_engine: AsyncEngine, admin_token: str | None) -> None:
     """Register GET /v1/pie/expansion and the admin endpoint on ``app``."""
 
-    @app.get("/v1/pie/expansion")
+    def authorized(request: Request, _: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+        # A dependency runs before the body is validated: a caller without the token learns nothing from a 400.
+        _authorize(request, admin_token)
+
+    @app.get("/v1/pie/expansion", responses={200: {"description": "the expansion state (plain JSON values)"}})
     async def expansion_state() -> JSONResponse:
         # Read off the engine thread: every value is a plain number replaced atomically (swap_metrics.py).
         return JSONResponse(engine.kv_runtime.state())
 
-    @app.post(ADMIN_PATH)
-    async def set_gpu_memory_budget(request: Request) -> JSONResponse:
-        _authorize(request, admin_token)
-        budget = await _budget_bytes(request)
+    ok: Responses = {200: {"description": '{"applied": true, "gpu_memory_budget_bytes": N, ...}'}}
+
+    @app.post(ADMIN_PATH, dependencies=[Depends(authorized)],
+              responses={**ok, **error_responses(400, 401, 403, 409, 503)})
+    async def set_gpu_memory_budget(body: GpuBudgetRequest) -> JSONResponse:
+        budget = body.bytes
         if not async_engine.accepting:
             raise ApiError(503, "shutting down", "service_unavailable")
         try:

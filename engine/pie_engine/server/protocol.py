@@ -1,22 +1,54 @@
 """OpenAI-compatible request/response bodies (completions, chat completions, models, errors).
 
 Field names and shapes follow the OpenAI API; ``top_k``, ``ignore_eos`` and ``stop_token_ids`` are vLLM
-extensions. Unknown request fields are ignored (clients send many optional ones).
+extensions. Unknown request fields are ignored (clients send many optional ones); known sampling fields this engine
+does not implement (penalties, ``logit_bias``) accept only their neutral value.
+
+Request fields are strict: a boolean, a string or a float is not an integer (not even 2.0: OpenAI rejects it too,
+though JSON Schema's "integer" admits it), NaN/Infinity are not numbers, and a string must be valid Unicode (no lone
+UTF-16 surrogates such as JSON ``"\\ud800"``). Anything else is a 400 that names the field, before any of it reaches
+the tokenizer or the engine thread (where a bad value would be a 500, or kill the thread that serves every request).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from pie_engine.core.sampling_params import SamplingParams
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
+MAX_STOP = 16  # stop strings per request: each is searched for after every token
+MAX_STOP_TOKEN_IDS = 256
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _valid_unicode(s: str) -> str:
+    # JSON may spell a lone surrogate ("\ud800"); Python keeps it, but it is no character: the tokenizer raises
+    # TypeError on it and no response containing it can be encoded as UTF-8.
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"invalid Unicode: lone surrogate {s[e.start]!r} at position {e.start}") from None
+    return s
+
+
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
+NonEmptyText = Annotated[StrictStr, Field(min_length=1), AfterValidator(_valid_unicode)]
+# Below the vocabulary size too, which the engine checks and the server's OpenAPI schema states.
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class ErrorInfo(BaseModel):
@@ -30,29 +62,35 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+class StreamOptions(_Request):
+    include_usage: StrictBool = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(_Request):
     """Fields shared by both endpoints, and their translation into SamplingParams."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = None
-    n: int = Field(default=1, ge=1, le=16)
-    stream: bool = False
+    model: Text
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
+    # -1 or 0: disabled; a k beyond the vocabulary keeps every token. Bounded: the sampler puts it in a tensor.
+    top_k: StrictInt | None = Field(default=None, ge=-1, le=INT32_MAX)
+    n: StrictInt = Field(default=1, ge=1, le=16)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    frequency_penalty: float | None = Field(default=None, ge=0.0, le=0.0)  # not implemented: only 0 accepted
-    presence_penalty: float | None = Field(default=None, ge=0.0, le=0.0)
-    user: str | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = None
+    seed: StrictInt | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    ignore_eos: StrictBool = False
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    frequency_penalty: StrictFloat | None = Field(default=None, ge=0.0, le=0.0,
+                                                  description="not implemented: only 0 is accepted")
+    presence_penalty: StrictFloat | None = Field(default=None, ge=0.0, le=0.0,
+                                                 description="not implemented: only 0 is accepted")
+    repetition_penalty: StrictFloat | None = Field(default=None, ge=1.0, le=1.0,
+                                                   description="not implemented: only 1 is accepted")
+    # Rejected rather than ignored when set: dropping a bias silently would change the output behind the client's back.
+    logit_bias: Annotated[dict[str, StrictFloat], Field(max_length=0)] | None = Field(
+        default=None, description="not implemented: only {} is accepted")
+    user: Text | None = None
 
     def to_sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -64,37 +102,40 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
+    # One prompt (text or token ids) or a batch of them.
+    prompt: NonEmptyText | TokenIds | Annotated[list[NonEmptyText], Field(min_length=1)] | \
+        Annotated[list[TokenIds], Field(min_length=1)]
+    # No upper bound here: anything beyond the context is answered with the model's maximum context length.
+    max_tokens: StrictInt | None = Field(default=16, ge=1)
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+    echo: StrictBool = False
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ContentPart(_Request):
+    """One part of a chat message's content: only text parts are supported."""
 
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
-        """Plain text of the message; content parts must be of type "text"."""
+        """Plain text of the message."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"only text content parts are supported, got {part.get('type')!r}")
-            parts.append(part["text"])
-        return "".join(parts)
+        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    add_generation_prompt: bool = True
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+    add_generation_prompt: StrictBool = True
 
 
 class UsageInfo(BaseModel):

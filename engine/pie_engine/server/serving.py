@@ -42,8 +42,15 @@ class BaseServing:
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+            shown = model if len(model) <= 100 else f"{model[:100]}..."  # a megabyte model name is not echoed back
+            raise ApiError(404, f"the model {shown!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
+
+    def check_max_tokens(self, value: int, field: str) -> None:
+        """A completion length that no prompt leaves room for is the length field's error, not the prompt's."""
+        if value >= self.llm.max_model_len:
+            raise ApiError(400, f"{field} ({value}) must be less than this model's maximum context length "
+                                f"({self.llm.max_model_len} tokens, prompt included)", param=field)
 
     def make_params(self, build: Callable[[], SamplingParams]) -> SamplingParams:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -42,7 +43,11 @@ class ChatServing(BaseServing):
         self.check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-        prompt = self._prompt(req)
+        if req.max_completion_tokens is not None:
+            self.check_max_tokens(req.max_completion_tokens, "max_completion_tokens")
+        elif req.max_tokens is not None:
+            self.check_max_tokens(req.max_tokens, "max_tokens")
+        prompt = await asyncio.to_thread(self._prompt, req)  # off the event loop, as completions do
         max_tokens = req.max_completion_tokens or req.max_tokens or max(self.llm.max_model_len - len(prompt), 1)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.make_params(lambda: req.to_sampling_params(max_tokens, logprobs))

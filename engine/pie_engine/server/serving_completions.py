@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from typing import cast
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -23,11 +25,11 @@ from pie_engine.server.serving import ApiError, BaseServing, SSEResponse, choice
 class CompletionServing(BaseServing):
     def _prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
-        if isinstance(p, str) or p and isinstance(p[0], int):
-            p = [p]
-        if not p or any(len(x) == 0 for x in p):
+        # One prompt (a string or token ids) or a list of them.
+        many = cast("list[str | list[int]]", [p] if isinstance(p, str) or p and isinstance(p[0], int) else p)
+        if not many or any(len(x) == 0 for x in many):
             raise ApiError(400, "prompt must not be empty", param="prompt")
-        prompts = [self.llm.tokenize(x) for x in p]
+        prompts = [self.llm.tokenize(x) for x in many]
         if any(not ids for ids in prompts):
             raise ApiError(400, "prompt must not be empty", param="prompt")
         return prompts
@@ -36,7 +38,10 @@ class CompletionServing(BaseServing):
         self.check_model(req.model)
         if req.echo:
             raise ApiError(400, "echo is not supported", param="echo")
-        prompts = self._prompts(req)
+        if req.max_tokens is not None:
+            self.check_max_tokens(req.max_tokens, "max_tokens")
+        # Off the event loop: tokenizing a huge prompt takes seconds, and the other requests must not wait for it.
+        prompts = await asyncio.to_thread(self._prompts, req)
         max_tokens = req.max_tokens
         if max_tokens is None:  # explicit null: as much as fits after the longest prompt
             max_tokens = max(self.llm.max_model_len - max(len(p) for p in prompts), 1)

@@ -110,7 +110,9 @@ class Tokenizer:
         return min(self.eos_token_ids) if self.eos_token_ids else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # NOTE: encode_batch releases the GIL (encode holds it): a megabyte prompt tokenized off the event loop then
+        # stalls neither the server's other requests nor the engine thread.
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -197,7 +197,7 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_k": -7}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": [5] * 3000, "max_tokens": 10}, 400, "prompt"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
     ("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404, "model"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
