@@ -1,36 +1,46 @@
-"""Executing one reconcile pass's decisions against the cluster and the engines, with an Event for each and an entry
-in the bounded decision history (status.decisions)."""
+"""Act: carry out one pass's ReconcilePlan against the cluster (k8s.Kube) and the engines (their admin endpoint),
+with an Event for each action and an entry in the bounded decision history (status.decisions); write the status.
+
+Nothing here decides. The one thing acting can learn is an engine's answer to a live GPU budget change; an answer
+other than "applied" ends the pass early with `requeue` set, so that the next pass decides with it (decide.py).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
 from pie_operator import builders
-from pie_operator.decisions import Change
+from pie_operator.decide import GpuLive, MemoryAction, ReconcilePlan, Record
 from pie_operator.k8s import Kube
-from pie_operator.planning import Plan, Pod
-from pie_operator.quantity import format_bytes
-from pie_operator.scrape import Observation, set_gpu_budget
-from pie_operator.tuning import TS, GpuChange, TuningPlan, container_status
+from pie_operator.planning import Plan
+from pie_operator.scrape import AdminResult, set_gpu_budget
+from pie_operator.snapshot import Snapshot
+from pie_operator.status import condition_events
+from pie_operator.tuning import GPU_REJECTED, GPU_RESTART, TS
 
 log = logging.getLogger(__name__)
 HISTORY = 20  # status.decisions keeps the last this many
+SetBudget = Callable[[str, int, str, int], AdminResult]  # (pod IP, port, admin token, bytes) -> the engine's answer
 
 
 @dataclass
 class Outcome:
-    """What one pass did (for logs and tests)."""
+    """What one pass did (for logs and tests) and what it learned (for the status)."""
 
     revision: str = ""
     created: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
     gpu_live: list[str] = field(default_factory=list)
+    pods_changed: bool = False  # pods were created, deleted or resized: the snapshot's pods are out of date
+    requeue: bool = False  # ended early on an engine's answer: decide again now
+    learned: dict[str, dict[str, Any]] = field(default_factory=dict)  # pod -> status.pods[] fields
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # status.decisions after this pass
     status: dict[str, Any] = field(default_factory=dict)
     status_written: bool = False
 
@@ -39,26 +49,76 @@ class History:
     """status.decisions: time, pod, field, from -> to, reason, how it was applied. A decision that repeats (e.g. a
     replacement still waiting for its rollout step) is recorded, and announced, once."""
 
-    def __init__(self, kube: Kube, body: dict[str, Any], previous: list[dict[str, Any]], now: datetime) -> None:
-        self.kube, self.body, self.entries, self.now = kube, body, list(previous), now.strftime(TS)
+    def __init__(self, kube: Kube, body: dict[str, Any], previous: list[dict[str, Any]], stamp: str) -> None:
+        self.kube, self.body, self.entries, self.stamp = kube, body, list(previous), stamp
 
-    def add(self, pod: str, field_: str, old: str, new: str, reason: str, message: str, via: str) -> None:
-        last = next((e for e in reversed(self.entries) if e.get("pod") == pod and e.get("field") == field_), None)
-        if last is not None and (last.get("to"), last.get("reason"), last.get("via")) == (new, reason, via):
+    def add(self, r: Record) -> None:
+        last = next((e for e in reversed(self.entries) if e.get("pod") == r.pod and e.get("field") == r.field), None)
+        if last is not None and (last.get("to"), last.get("reason"), last.get("via")) == (r.new, r.reason, r.via):
             return
-        self.entries = [*self.entries, {"time": self.now, "pod": pod, "field": field_, "from": old, "to": new,
-                                        "reason": reason, "via": via}][-HISTORY:]
-        what = "memory request" if field_ == "memory" else "GPU memory budget"
-        change = f"{what} {old} -> {new}" if old != new else f"{what} stays {new}"
-        event = "OOMKilled" if reason.startswith("OOMKilled") else (
-            "MemoryDecision" if field_ == "memory" else "GPUBudgetDecision")
-        self.kube.post_event(self.body, "Warning" if reason.startswith("OOMKilled") else "Normal", event,
-                             f"pod {pod}: {change} ({reason}: {message}); applied: {via}")
+        self.entries = [*self.entries, {"time": self.stamp, "pod": r.pod, "field": r.field, "from": r.old,
+                                        "to": r.new, "reason": r.reason, "via": r.via}][-HISTORY:]
+        what = "memory request" if r.field == "memory" else "GPU memory budget"
+        change = f"{what} {r.old} -> {r.new}" if r.old != r.new else f"{what} stays {r.new}"
+        oom = r.reason.startswith("OOMKilled")
+        event = "OOMKilled" if oom else "MemoryDecision" if r.field == "memory" else "GPUBudgetDecision"
+        self.kube.post_event(self.body, "Warning" if oom else "Normal", event,
+                             f"pod {r.pod}: {change} ({r.reason}: {r.message}); applied: {r.via}")
 
 
-def execute(kube: Kube, body: dict[str, Any], steps: Plan, new_pod: dict[str, Any], out: Outcome) -> None:
+def act(kube: Kube, snap: Snapshot, plan: ReconcilePlan, *, set_budget: SetBudget = set_gpu_budget) -> Outcome:
+    """Carry out `plan` (decided from `snap`), in the order that keeps a half-done pass safe to repeat."""
+    out = Outcome(revision=plan.revision, decisions=list(snap.previous.get("decisions") or []))
+    if plan.invalid:
+        return out
+    body, stamp = snap.body, snap.now.strftime(TS)
+    history = History(kube, body, out.decisions, stamp)
+    for e in plan.events:
+        kube.post_event(body, e.type, e.reason, e.message)
+    token = snap.admin_token
+    if plan.admin_secret is not None:
+        token = kube.ensure_admin_token(plan.admin_secret)
+    for r in plan.recorded:
+        history.add(r)
+    # Engines first: the ConfigMap and new pods carry the budgets the plan expects them to take live.
+    for g in plan.gpu:
+        _gpu(g, set_budget(g.ip, g.port, token, g.bytes), history, stamp, out)
+    if not out.requeue:
+        for obj in plan.apply:
+            kube.apply(obj)
+        _execute(kube, body, plan.steps, plan.new_pod, out)
+        for m in plan.memory:
+            _memory(kube, body, m, history, stamp, out)
+    out.decisions = history.entries
+    return out
+
+
+def _gpu(g: GpuLive, res: AdminResult, history: History, stamp: str, out: Outcome) -> None:
+    c = g.change
+    learned = out.learned.setdefault(c.pod, {})
+    if res.applied:
+        out.gpu_live.append(c.pod)
+        learned.update({"gpuMemoryBudget": c.new, "gpuBudgetLive": True, "gpuBudgetChangedAt": stamp,
+                        "gpuBudgetRestarts": g.restarts, GPU_RESTART: "", GPU_REJECTED: ""})
+        via = "live (engine admin endpoint)"
+    elif res.rejected:
+        learned[GPU_REJECTED] = c.new
+        via = f"rejected by the engine ({res.detail})"
+    elif res.needs_restart or c.reason in ("Spec", "Bounds"):
+        # (an engine that cannot be reached while the spec wants the change: a restart applies it too)
+        learned[GPU_RESTART] = c.new
+        via = f"Rolling ({res.detail})"
+    else:
+        log.info("GPU budget of %s not applied yet (%s): retrying on a later pass", c.pod, res.detail)
+        return
+    out.requeue = out.requeue or not res.applied
+    history.add(Record(c.pod, "gpuMemoryBudget", c.old, c.new, c.reason, c.message, via))
+
+
+def _execute(kube: Kube, body: dict[str, Any], steps: Plan, new_pod: dict[str, Any], out: Outcome) -> None:
     """Deletions (uid precondition) then creations of the rollout/scaling plan."""
     ns = body["metadata"]["namespace"]
+    out.pods_changed = out.pods_changed or not steps.empty
     for d in steps.delete:
         if kube.delete_pod(ns, d.name, d.uid):
             out.deleted.append(d.name)
@@ -74,70 +134,28 @@ def execute(kube: Kube, body: dict[str, Any], steps: Plan, new_pod: dict[str, An
         kube.post_event(body, "Normal", "CreatedPod", f"created pod {pod_name} (revision {out.revision})")
 
 
-def resize(kube: Kube, body: dict[str, Any], tplan: TuningPlan, history: History, now: str, out: Outcome) -> None:
-    """In-place memory resizes (pods/resize), each recorded once it was accepted."""
-    ns = body["metadata"]["namespace"]
-    changes: dict[str, tuple[Change, str]] = {pod: (c, via) for pod, c, via in tplan.changes}
-    for pod, (c, via) in changes.items():
-        if pod in tplan.resize:
-            request, limit = tplan.resize[pod]
-            try:
-                kube.resize_pod(ns, pod, builders.ENGINE_CONTAINER, request, limit)
-            except ApiException as e:
-                kube.post_event(body, "Warning", "ResizeFailed", f"could not resize pod {pod}: {e.reason}: {e.body}")
-                continue
-            out.resized.append(pod)
-            tplan.memo.setdefault(pod, {})["memoryChangedAt"] = now
-        history.add(pod, "memory", format_bytes(c.old), format_bytes(c.new), c.reason, c.message, via)
+def _memory(kube: Kube, body: dict[str, Any], m: MemoryAction, history: History, stamp: str, out: Outcome) -> None:
+    """A memory decision: resized in place (recorded once the apiserver accepted it), or recorded as it is."""
+    pod = m.record.pod
+    if m.resize is not None:
+        try:
+            kube.resize_pod(body["metadata"]["namespace"], pod, builders.ENGINE_CONTAINER, *m.resize)
+        except ApiException as e:
+            kube.post_event(body, "Warning", "ResizeFailed", f"could not resize pod {pod}: {e.reason}: {e.body}")
+            return
+        out.resized.append(pod)
+        out.pods_changed = True
+        out.learned.setdefault(pod, {})["memoryChangedAt"] = stamp
+    history.add(m.record)
 
 
-def apply_gpu(body: dict[str, Any], pods: dict[str, Pod], changes: list[GpuChange], token: str, port: int,
-              tplan: TuningPlan, history: History, now: str, out: Outcome) -> str | None:
-    """GPU budgets: live through the engine's admin endpoint, else by replacing the pod (added to tplan.replace).
-    Returns the budget new pods should start with (the last one decided), or None when nothing was decided."""
-    latest = None
-    for g in changes:
-        pod = pods[g.pod]
-        if g.bytes is None:
-            result_detail, live, restart = "the budget is a fraction and the GPU size is unknown", False, True
-        else:
-            res = set_gpu_budget(pod["status"]["podIP"], port, token, g.bytes)
-            result_detail, live, restart = res.detail, res.applied, res.needs_restart
-            if res.rejected:  # the engine refuses the value: say so once, do not force it through a restart
-                history.add(g.pod, "gpuMemoryBudget", g.old, g.new, g.reason, g.message,
-                            f"rejected by the engine ({res.detail})")
-                continue
-            if not live and not restart and g.reason in ("Spec", "Bounds"):
-                restart = True  # the engine cannot be reached, but the spec wants the change: a restart applies it
-        if live:
-            out.gpu_live.append(g.pod)
-            tplan.memo.setdefault(g.pod, {}).update({
-                "gpuMemoryBudget": g.new, "gpuBudgetLive": True, "gpuBudgetChangedAt": now,
-                "gpuBudgetRestarts": container_status(pod).get("restartCount", 0)})
-            via = "live (engine admin endpoint)"
-        elif restart:
-            tplan.replace[g.pod] = f"GPUBudgetChanged: GPU memory budget {g.old} -> {g.new}"
-            via = f"Rolling ({result_detail})"
-        else:
-            log.info("GPU budget of %s not applied yet (%s): retrying on a later pass", g.pod, result_detail)
-            continue
-        latest = g.new
-        history.add(g.pod, "gpuMemoryBudget", g.old, g.new, g.reason, g.message, via)
-    return latest
-
-
-def scrape_events(kube: Kube, body: dict[str, Any], prev_pods: dict[str, dict[str, Any]],
-                  observations: dict[str, Observation | None]) -> None:
-    """One Event when a pod's metrics go stale (and one when they recover), not one per scrape."""
-    for pod, obs in observations.items():
-        if obs is None:
-            continue
-        before = prev_pods.get(pod, {}).get("metrics", "")
-        now = "ok" if obs.ok else obs.error
-        if now == before:
-            continue
-        if not obs.ok:
-            kube.post_event(body, "Warning", "MetricsStale", f"pod {pod}: {obs.error}; its metrics are ignored "
-                                                             "(no decision is made from stale data)")
-        elif before:
-            kube.post_event(body, "Normal", "MetricsRecovered", f"pod {pod}: metrics are fresh again")
+def write_status(kube: Kube, body: dict[str, Any], previous: dict[str, Any], status: dict[str, Any]) -> bool:
+    """Patch status only when it changed (an unchanged world writes nothing), with an Event for every condition
+    that flipped (status.condition_events)."""
+    if all(previous.get(k) == v for k, v in status.items()):
+        return False
+    meta = body["metadata"]
+    kube.patch_status(meta["namespace"], meta["name"], status)
+    for type_, reason, message in condition_events(previous, status):
+        kube.post_event(body, type_, reason, message)
+    return True

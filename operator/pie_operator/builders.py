@@ -59,6 +59,11 @@ def engine_args(spec: PieDeploymentSpec, name: str, decision: MemoryDecision) ->
     return args + list(spec.engine.args)
 
 
+def owned_names(name: str) -> dict[str, str]:
+    """kind -> name of the objects besides pods that PieDeployment `name` owns and keeps as rendered here."""
+    return {"Service": name, "ConfigMap": f"{name}-engine", "PodDisruptionBudget": name}
+
+
 def admin_secret_name(name: str) -> str:
     """The Secret with the engines' admin token (the operator creates it; see k8s.ensure_admin_token)."""
     return f"{name}-admin-token"
@@ -223,7 +228,7 @@ def config_map(spec: PieDeploymentSpec, name: str, namespace: str, revision: str
     }
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": f"{name}-engine", "namespace": namespace, "labels": common_labels(name),
+        "metadata": {"name": owned_names(name)["ConfigMap"], "namespace": namespace, "labels": common_labels(name),
                      "ownerReferences": [owner]},
         "data": {"engine.json": json.dumps(rendered, indent=2, sort_keys=True) + "\n"},
     }

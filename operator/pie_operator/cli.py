@@ -48,7 +48,7 @@ def run(
 
     from pie_operator import handlers  # noqa: F401 -- registers the handlers in kopf's default registry
     from pie_operator.handlers import Reconciler
-    from pie_operator.k8s import Kube
+    from pie_operator.k8s import ApiKube
     from pie_operator.observe import Observations, ScrapeSettings
 
     kopf.configure(verbose=verbose)
@@ -56,7 +56,7 @@ def run(
         logging.getLogger("kopf.objects").addFilter(_QuietPodEvents())
     logging.getLogger("pie_operator").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per engine scrape otherwise
-    kube = Kube()
+    kube = ApiKube()
     memo = kopf.Memo(kube=kube, reconciler=Reconciler(kube, Observations()),
                      namespaces=None if all_namespaces else list(namespace), resync_seconds=resync_seconds,
                      scrape=ScrapeSettings(metrics_interval, metrics_timeout, metrics_concurrency))

@@ -1,4 +1,4 @@
-"""Thin kopf handlers: every trigger ends in `reconcile()` for one PieDeployment.
+"""Thin kopf handlers: every trigger ends in `reconcile()` (observe -> decide -> act) for one PieDeployment.
 
 Triggers: create/update/resume of a PieDeployment (kopf retries these on errors), any event of an owned pod (so
 readiness shows up in status within a second), a periodic resync of every PieDeployment (catches what no event
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -26,6 +27,7 @@ from pie_operator.spec import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
+REQUEUES = 3  # passes run back to back while each one asks for the next (actuate.Outcome.requeue)
 
 
 class Reconciler:
@@ -46,12 +48,16 @@ class Reconciler:
         self._queued.add(key)
         async with self._locks.setdefault(key, asyncio.Lock()):
             self._queued.discard(key)
-            out = await asyncio.to_thread(reconcile, self.kube, namespace, name, observations=self.observations)
+            for _ in range(1 + REQUEUES):
+                out = await asyncio.to_thread(reconcile, self.kube, namespace, name, observations=self.observations)
+                if out is not None and (out.created or out.deleted or out.resized or out.gpu_live):
+                    log.info("%s/%s: revision %s created=%s deleted=%s resized=%s gpu_live=%s phase=%s", namespace,
+                             name, out.revision, out.created, out.deleted, out.resized, out.gpu_live,
+                             out.status.get("phase"))
+                if out is None or not out.requeue:
+                    break
         if out is None and self.observations is not None:
             self.observations.forget(key)  # deleted: stop scraping its pods
-        if out is not None and (out.created or out.deleted or out.resized or out.gpu_live):
-            log.info("%s/%s: revision %s created=%s deleted=%s resized=%s gpu_live=%s phase=%s", namespace, name,
-                     out.revision, out.created, out.deleted, out.resized, out.gpu_live, out.status.get("phase"))
         return out
 
 
@@ -92,10 +98,12 @@ async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(*RESOURCE, backoff=5)
 @kopf.on.create(*RESOURCE, backoff=5)
 @kopf.on.update(*RESOURCE, backoff=5)
-async def on_change(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def on_change(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    assert namespace is not None  # PieDeployments are namespaced
     await memo.reconciler.run(namespace, name, coalesce=False)
 
 
 @kopf.on.event("v1", "pods", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
-async def on_pod_event(namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
+async def on_pod_event(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    assert namespace is not None  # pods are namespaced
     await memo.reconciler.run(namespace, labels[DEPLOYMENT_LABEL], coalesce=True)

@@ -1,6 +1,9 @@
-"""The ONE module that talks to the Kubernetes API (the `kubernetes` client, synchronous; callers run it in a
-thread). Objects go in and come out as plain camelCase dicts (raw JSON, no client models), so they compare
-directly with what builders.py renders.
+"""The ONE module that talks to the Kubernetes API: `Kube`, the interface reconcile uses, and `ApiKube`, its
+implementation over the `kubernetes` client (synchronous; callers run it in a thread). Objects go in and come out as
+plain camelCase dicts (raw JSON, no client models), so they compare directly with what builders.py renders.
+
+The unit tests drive reconcile against an in-memory fake of `Kube` (tests/unit/operator/fake_kube.py); subclassing
+the ABC keeps that fake honest: it cannot be instantiated while it misses a method.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import json
 import logging
 import re
 import secrets
+from abc import ABC, abstractmethod
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
@@ -33,6 +37,12 @@ _PATHS = {  # kind -> collection path in a namespace
 }
 
 
+def secret_value(secret: dict[str, Any] | None, key: str) -> str:
+    """The (stripped) value under `key` of a Secret as read from the apiserver; "" when there is none."""
+    raw = ((secret or {}).get("data") or {}).get(key)
+    return base64.b64decode(raw).decode().strip() if raw else ""
+
+
 def load_api_client() -> ApiClient:
     """In-cluster service account when running in a pod, else $KUBECONFIG / ~/.kube/config."""
     try:
@@ -42,8 +52,66 @@ def load_api_client() -> ApiClient:
     return ApiClient()
 
 
-class Kube:
-    """Thin, synchronous API access for the reconciler."""
+class Kube(ABC):
+    """What one reconcile pass reads and writes through the Kubernetes API (PieDeployments, their pods and owned
+    objects, Events). Reads never change the cluster; every write is one request."""
+
+    # --- reads ------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def get_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The PieDeployment, or None when there is none."""
+
+    @abstractmethod
+    def list_deployments(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
+        """All PieDeployments in `namespaces` (None: cluster-wide)."""
+
+    @abstractmethod
+    def list_pods(self, namespace: str, selector: str, owner_uid: str) -> list[dict[str, Any]]:
+        """Pods matching `selector` that `owner_uid` controls (a same-named predecessor's leftovers are not ours),
+        terminating ones included."""
+
+    @abstractmethod
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """One namespaced object of `kind` (Secret, Service, ConfigMap, PodDisruptionBudget, ...), or None."""
+
+    @abstractmethod
+    def supports_resize(self) -> bool:
+        """Whether the apiserver serves the pods/resize subresource (in-place pod resize)."""
+
+    # --- writes -----------------------------------------------------------------------------------------------
+    @abstractmethod
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Merge-patch the PieDeployment's `.status` (lists like conditions are replaced whole)."""
+
+    @abstractmethod
+    def create_pod(self, pod: dict[str, Any]) -> dict[str, Any]:
+        """Create `pod` (named by the apiserver from generateName); returns it as created."""
+
+    @abstractmethod
+    def delete_pod(self, namespace: str, name: str, uid: str) -> bool:
+        """Delete exactly the pod we looked at (uid precondition); False when it is already gone."""
+
+    @abstractmethod
+    def resize_pod(self, namespace: str, name: str, container: str, memory_request: str,
+                   memory_limit: str | None) -> None:
+        """Change one container's memory request (and limit; None: no limit) in place."""
+
+    @abstractmethod
+    def ensure_admin_token(self, secret: dict[str, Any]) -> str:
+        """The token in `secret` (builders.admin_secret with an empty token), created with a random one when the
+        Secret is missing or has none; never rotated (running engines read it once at start)."""
+
+    @abstractmethod
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply `obj` (create or update; fields we stopped setting are removed)."""
+
+    @abstractmethod
+    def post_event(self, owner: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on `owner` (what `kubectl describe` shows). Best effort: never raises."""
+
+
+class ApiKube(Kube):
+    """`Kube` over the apiserver: raw REST calls through the `kubernetes` client's ApiClient."""
 
     def __init__(self, api_client: ApiClient | None = None) -> None:
         self.api = api_client or load_api_client()
@@ -74,7 +142,6 @@ class Kube:
             raise
 
     def list_deployments(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
-        """All PieDeployments in `namespaces` (None: cluster-wide)."""
         if namespaces is None:
             return self._request("GET", f"/apis/{GROUP}/{VERSION}/{PLURAL}").get("items", [])
         items: list[dict[str, Any]] = []
@@ -83,13 +150,11 @@ class Kube:
         return items
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        """Merge-patch `.status` through the status subresource (lists like conditions are replaced whole)."""
         self._request("PATCH", self._path("PieDeployment", namespace, name) + "/status", {"status": status},
                       content_type="application/merge-patch+json")
 
     # --- Pods -----------------------------------------------------------------------------------------------
     def list_pods(self, namespace: str, selector: str, owner_uid: str) -> list[dict[str, Any]]:
-        """Pods matching `selector` that `owner_uid` controls (a same-named predecessor's leftovers are not ours)."""
         items = self._request("GET", self._path("Pod", namespace), query={"labelSelector": selector}).get("items", [])
         return [p for p in items
                 if any(r.get("uid") == owner_uid and r.get("controller")
@@ -99,7 +164,6 @@ class Kube:
         return self._request("POST", self._path("Pod", pod["metadata"]["namespace"]), pod)
 
     def delete_pod(self, namespace: str, name: str, uid: str) -> bool:
-        """Delete exactly the pod we looked at (uid precondition); False when it is already gone."""
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}}
         try:
             self._request("DELETE", self._path("Pod", namespace, name), body)
@@ -111,7 +175,6 @@ class Kube:
 
     def resize_pod(self, namespace: str, name: str, container: str, memory_request: str,
                    memory_limit: str | None) -> None:
-        """In-place resize of one container's memory through the pods/resize subresource."""
         resources: dict[str, Any] = {"requests": {"memory": memory_request}}
         if memory_limit is not None:
             resources["limits"] = {"memory": memory_limit}
@@ -120,15 +183,16 @@ class Kube:
                       content_type="application/strategic-merge-patch+json")
 
     def supports_resize(self) -> bool:
-        """Whether the apiserver serves the pods/resize subresource (in-place pod resize: Kubernetes >= 1.33).
-        Asked once per operator process: discovery first, the server version where discovery says nothing."""
+        """Kubernetes >= 1.33. Asked once per operator process: discovery first, the server version where discovery
+        says nothing."""
         if self._resize is None:
             try:
                 resources = self._request("GET", "/api/v1").get("resources", [])
                 self._resize = any(r.get("name") == "pods/resize" for r in resources)
                 if not self._resize:
                     v = self._request("GET", "/version")
-                    minor = int(re.match(r"[0-9]+", str(v.get("minor", "0"))).group())  # "33+" on some vendors
+                    digits = re.match(r"[0-9]+", str(v.get("minor", "0")))  # "33+" on some vendors
+                    minor = int(digits.group()) if digits else 0
                     self._resize = (int(v.get("major", "0")), minor) >= (1, 33)
             except (ApiException, ValueError, AttributeError) as e:
                 log.warning("could not tell whether pods/resize is supported (%s): memory changes roll pods", e)
@@ -137,15 +201,11 @@ class Kube:
 
     # --- The engines' admin token ----------------------------------------------------------------------------
     def ensure_admin_token(self, secret: dict[str, Any]) -> str:
-        """The token in `secret` (built by builders.admin_secret with an empty token): created with a random token
-        when missing, given one when it has none; never rotated (running engines read it once at start)."""
         meta = secret["metadata"]
         key = next(iter(secret["stringData"]))
         current = self.get("Secret", meta["namespace"], meta["name"])
-        if current is not None:
-            raw = (current.get("data") or {}).get(key)
-            if raw and (token := base64.b64decode(raw).decode().strip()):
-                return token
+        if token := secret_value(current, key):
+            return token
         token = secrets.token_urlsafe(32)
         body = {**secret, "stringData": {key: token}}
         if current is None:
@@ -162,8 +222,6 @@ class Kube:
 
     # --- Owned singletons (Service, ConfigMap, PDB) ----------------------------------------------------------
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply: creates or updates, removes fields we stopped setting, and is a no-op (no write,
-        no new resourceVersion) when nothing changed."""
         path = self._path(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
         return self._request("PATCH", path, obj, query={"fieldManager": FIELD_MANAGER, "force": "true"},
                              content_type="application/apply-patch+yaml")
@@ -178,7 +236,6 @@ class Kube:
 
     # --- Events ---------------------------------------------------------------------------------------------
     def post_event(self, owner: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        """A core/v1 Event on the PieDeployment (what `kubectl describe pied` shows). Best effort."""
         meta = owner["metadata"]
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         event = {

@@ -16,7 +16,7 @@ continues exactly where it was: a gate it cannot judge yet (no scrape since it s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -97,7 +97,7 @@ def gate_verdict(pod: Pod, obs: Observation | None, *, now: datetime, step_timeo
         return Verdict(PASS)
     if obs is None:
         return Verdict(PENDING)  # no evidence yet (e.g. the operator just restarted): never fail on none
-    if not obs.ok:
+    if obs.metrics is None:
         problem = f"engine unhealthy: {obs.error}"
     elif baseline_stall is not None and obs.metrics.stall_fraction - baseline_stall > max_stall_regression:
         problem = (f"swap stall fraction {obs.metrics.stall_fraction:.3f} vs {baseline_stall:.3f} on the previous "
@@ -164,8 +164,8 @@ def advance(prev: RolloutState | None, *, spec_revision: str, spec_template: dic
     return st, Target(revision=target, template=template, hold=st.phase == PAUSED)
 
 
-def baseline_stall(pods: list[Pod], observations: dict[str, Observation], target: str) -> float | None:
+def baseline_stall(pods: list[Pod], observations: Mapping[str, Observation | None], target: str) -> float | None:
     """Mean stall fraction of healthy pods of other revisions (what a new revision must not regress against)."""
-    fractions = [o.metrics.stall_fraction for p in pods
-                 if revision(p) != target and (o := observations.get(p["metadata"]["name"])) is not None and o.ok]
+    fractions = [m.stall_fraction for p in pods if revision(p) != target
+                 and (o := observations.get(p["metadata"]["name"])) is not None and (m := o.metrics) is not None]
     return sum(fractions) / len(fractions) if fractions else None

@@ -14,9 +14,10 @@ from pie_operator.planning import Pod, is_finished, is_ready, is_terminating, me
 from pie_operator.quantity import format_bytes
 from pie_operator.rollout import PAUSED, ROLLED_BACK, RolloutState
 from pie_operator.scrape import Observation
-from pie_operator.tuning import effective_budget
+from pie_operator.tuning import GPU_REJECTED, GPU_RESTART, effective_budget
 
 PHASES = ("Ready", "Progressing", "Degraded", "Invalid")
+API_ERROR = "ApiError"  # Degraded's reason when the Kubernetes API failed a pass
 
 
 def _ts(now: datetime) -> str:
@@ -43,7 +44,7 @@ def _unschedulable(pod: Pod) -> str | None:
 
 # status.pods[] fields the closed loop carries from pass to pass (tuning.py says what they mean).
 CARRIED = ("memoryChangedAt", "gpuBudgetChangedAt", "gpuBudgetLive", "gpuBudgetRestarts", "oomHandledAt",
-           "memoryRecommendation")
+           "memoryRecommendation", GPU_RESTART, GPU_REJECTED)
 
 
 def pod_entry(pod: Pod, rollout: RolloutState, obs: Observation | None, memo: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +53,7 @@ def pod_entry(pod: Pod, rollout: RolloutState, obs: Observation | None, memo: di
                              "gpuMemoryBudget": effective_budget(pod, memo), "ready": is_ready(pod),
                              "revision": revision(pod), "gatePassed": pod["metadata"]["name"] in rollout.passed,
                              "metrics": "" if obs is None else ("ok" if obs.ok else obs.error)}
-    if obs is not None and obs.ok:
+    if obs is not None and obs.metrics is not None:
         entry["expansionRatio"] = f"{obs.metrics['pie_expansion_ratio']:.2f}"
         entry["hostKVUsed"] = format_bytes(obs.metrics.bytes("pie_host_kv_used_bytes"))
     entry.update({k: memo[k] for k in CARRIED if memo.get(k) not in (None, "")})
@@ -176,3 +177,38 @@ def invalid_status(error: str, generation: int, previous: dict[str, Any], now: d
             condition("Degraded", True, "InvalidSpec", error, generation, prev_conds, now),
         ],
     }
+
+
+def condition_events(previous: dict[str, Any], status: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Events for the conditions that flipped from `previous` to `status`: Warning
+    for what a human should look at, Normal otherwise; none for the first status of a healthy object, one per
+    reason, none for MetricsStale (its Events are per pod: decide.py)."""
+    before = {c["type"]: c for c in previous.get("conditions") or []}
+    posted: set[str] = set()
+    # Readiness dropping because we scale up or roll is expected; dropping while nothing changes is not.
+    expected_drop = any(c["type"] == "Progressing" and c["reason"] in ("ScalingUp", "RollingUpdate")
+                        for c in status["conditions"])
+    out = []
+    for c in status["conditions"]:
+        old = before.get(c["type"])
+        if c["type"] == "MetricsStale" or (
+                old is not None and old.get("status") == c["status"] and old.get("reason") == c["reason"]):
+            continue
+        bad = c["reason"] in ("ProgressDeadlineExceeded", "InvalidSpec") or (
+            c["type"] == "Degraded" and c["status"] == "True") or (
+            c["type"] == "Ready" and c["status"] == "False" and old is not None and old.get("status") == "True"
+            and not expected_drop)
+        if (old is None and not bad) or c["reason"] in posted:
+            continue
+        posted.add(c["reason"])
+        out.append(("Warning" if bad else "Normal", c["reason"], f"{c['type']}={c['status']}: {c['message']}"))
+    return out
+
+
+def api_error_status(error: str, generation: int, previous: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The previous status with Degraded=True, reason ApiError: a pass that the Kubernetes API failed says so where
+    users look; the next pass that gets through computes the whole status again."""
+    prev_conds = previous.get("conditions") or []
+    degraded = condition("Degraded", True, API_ERROR, error, generation, prev_conds, now)
+    conds = [degraded if c.get("type") == "Degraded" else c for c in prev_conds]
+    return {"phase": "Degraded", "conditions": conds if degraded in conds else [*conds, degraded]}

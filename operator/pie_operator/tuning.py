@@ -24,6 +24,9 @@ from pie_operator.quantity import format_bytes, parse_bytes, resolve_budget
 from pie_operator.spec import PieDeploymentSpec
 
 TS = "%Y-%m-%dT%H:%M:%SZ"
+# status.pods[] fields that carry an engine's answer to a live GPU budget change into the next pass (decide.py).
+GPU_RESTART = "gpuBudgetRestart"  # this budget cannot be applied live: the pod is replaced to apply it
+GPU_REJECTED = "gpuBudgetRejected"  # the engine refused this budget: it is not sent again
 
 
 def ts(t: float) -> str:
@@ -163,8 +166,8 @@ def _memory_action(out: TuningPlan, name: str, c: Change, apply: str, resize_sup
 def _gpu_change(spec: PieDeploymentSpec, t: Tuning, pod: Pod, prev: dict[str, Any], view: PodView, stale: bool,
                 born: float, now: float) -> GpuChange | None:
     name, effective = pod["metadata"]["name"], effective_budget(pod, prev)
-    metrics = view.last.metrics if view.last and view.last.ok else None
-    total = metrics.bytes("pie_gpu_memory_total_bytes") if metrics else None
+    metrics = view.last.metrics if view.last is not None and view.last.ok else None
+    total = metrics.bytes("pie_gpu_memory_total_bytes") if metrics is not None else None
     wanted = spec.memory.gpu_memory_budget
     if spec.memory.tuning.gpu_memory_budget_min is None:
         if not effective or effective == wanted:

@@ -1,15 +1,20 @@
-"""Fixtures for e2e tests: one real local control plane per test session (see tests/cluster/cluster.py)."""
+"""Fixtures for e2e tests: one real local control plane per test session (see tests/cluster/cluster.py).
+
+The cluster is the only thing tests share. Every test works in a namespace of its own (`k8s_namespace`) with its
+own operator and PieDeployments, and gives the cluster's two GPUs back when it ends, so tests pass alone and in any
+order: `PIE_TEST_ORDER=reverse pytest -m e2e ...` runs them backwards to show it.
+"""
 
 from __future__ import annotations
 
-import time
-import uuid
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.cluster.cluster import Cluster
+from tests.e2e.helpers import delete_namespace, new_namespace
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,14 +37,13 @@ def k8s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture
 def k8s_namespace(k8s: Cluster) -> Iterator[str]:
-    """A fresh namespace whose ``default`` ServiceAccount exists (pods can be created at once); deleted afterwards."""
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    k8s.kubectl("create", "namespace", name)
-    deadline = time.monotonic() + 60
-    # The controller-manager's serviceaccount controller creates it asynchronously; pod admission needs it.
-    while k8s.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode != 0:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"ServiceAccount default never appeared in namespace {name}")
-        time.sleep(0.2)
+    """A fresh namespace whose ``default`` ServiceAccount exists (pods can be created at once); afterwards its pods
+    are gone (their GPUs free for the next test) and the namespace is being deleted."""
+    name = new_namespace(k8s, "t")
     yield name
-    k8s.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    delete_namespace(k8s, name)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if os.environ.get("PIE_TEST_ORDER") == "reverse":
+        items.reverse()

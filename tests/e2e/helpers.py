@@ -72,11 +72,21 @@ def get(k8s: Cluster, ns: str, *what: str) -> dict[str, Any]:
 
 
 def new_namespace(k8s: Cluster, prefix: str) -> str:
+    """A fresh namespace, once its `default` ServiceAccount exists: the controller-manager creates it
+    asynchronously, and pod admission needs it."""
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     k8s.kubectl("create", "namespace", name)
     wait_for(lambda: k8s.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
-             "the default ServiceAccount")
+             f"the default ServiceAccount in {name}", timeout=60)
     return name
+
+
+def delete_namespace(k8s: Cluster, name: str) -> None:
+    """Delete the namespace's pods and wait until they are gone, then the namespace without waiting. The cluster has
+    two GPUs for all tests: the next test must not find them held by this one's pods. (Stop whatever recreates pods
+    -- an operator -- first.)"""
+    k8s.kubectl("delete", "pods", "--all", "-n", name, "--wait=true", "--timeout=90s", check=False, timeout=100)
+    k8s.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 play the pods' containers on their loopback pod IPs (tests/e2e/engines.py), sizes memory from their metrics and runs
 gated rollouts. Timers are shortened through the spec (memory.tuning, rollout.stepTimeoutSeconds) and operator flags.
 
-Tests run in file order and share the namespace and the PieDeployment `loop` (the cluster has 2 GPUs: 2 pods).
+Each test has its own namespace, operator, engines and PieDeployment `loop` (fixtures `loop1`, `loop2`; the cluster
+has 2 GPUs: 2 pods), so any one passes alone or in any order.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 from pie_operator.quantity import parse_bytes
 from tests.cluster.cluster import Cluster
 from tests.e2e.engines import EngineFleet, Load
-from tests.e2e.helpers import PYTHONPATH, REPO, Operator, condition, events, get, new_namespace, wait_for
+from tests.e2e.helpers import PYTHONPATH, REPO, Operator, condition, events, get, wait_for
 
 pytestmark = pytest.mark.e2e
 # NOTE: every local cluster hands out the same pod IPs (127.0.<node+1>.x): a random port keeps these engines apart
@@ -54,15 +55,14 @@ def deployment(name: str, replicas: int, **spec: Any) -> dict[str, Any]:
     return doc
 
 
-@pytest.fixture(scope="module")
-def ns(k8s: Cluster) -> Iterator[str]:
-    name = new_namespace(k8s, "loop")
-    yield name
-    k8s.kubectl("delete", "namespace", name, "--wait=false", check=False)
+@pytest.fixture
+def ns(k8s_namespace: str) -> str:
+    return k8s_namespace
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint on disk, built once (read-only: the engines only load it)."""
     out = tmp_path_factory.mktemp("model") / "tiny"
     # hidden 256: 16 KiB of KV per block and layer, so the host KV the load needs is a few MiB (a clear signal)
     subprocess.run([sys.executable, "-m", "pie_engine", "make-test-model", "--out", str(out), "--hidden", "256"],
@@ -70,9 +70,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def operator(k8s: Cluster, ns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    op = Operator(k8s, ns, tmp_path_factory.mktemp("operator") / "operator.log", "--resync-seconds", "2",
+@pytest.fixture
+def operator(k8s: Cluster, ns: str, tmp_path: Path) -> Iterator[Operator]:
+    op = Operator(k8s, ns, tmp_path / "operator.log", "--resync-seconds", "2",
                   "--metrics-interval-seconds", "1", "--metrics-timeout-seconds", "1")
     op.start()
     try:
@@ -82,9 +82,9 @@ def operator(k8s: Cluster, ns: str, tmp_path_factory: pytest.TempPathFactory) ->
         print(f"--- operator log ({op.log}) ---\n{op.tail()}")
 
 
-@pytest.fixture(scope="module")
-def fleet(k8s: Cluster, ns: str, model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineFleet]:
-    with EngineFleet(k8s, ns, LOOP, model, tmp_path_factory.mktemp("engines")) as f:
+@pytest.fixture
+def fleet(k8s: Cluster, ns: str, model: Path, tmp_path: Path) -> Iterator[EngineFleet]:
+    with EngineFleet(k8s, ns, LOOP, model, tmp_path / "engines") as f:
         yield f
         print(f"--- engine logs ---\n{f.logs()}")
 
@@ -110,6 +110,43 @@ def ready(k8s: Cluster, ns: str, name: str, replicas: int) -> dict[str, Any] | N
 
 def patch(k8s: Cluster, ns: str, name: str, spec: dict[str, Any]) -> None:
     k8s.kubectl("patch", "-n", ns, "pied", name, "--type=merge", "-p", json.dumps({"spec": spec}))
+
+
+def apply_loop(k8s: Cluster, ns: str, operator: Operator, replicas: int) -> dict[str, Any]:
+    k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(deployment(LOOP, replicas)))
+    return wait_for(lambda: ready(k8s, ns, LOOP, replicas), f"loop Ready with {replicas} healthy engine(s)",
+                    timeout=90, op=operator)
+
+
+@pytest.fixture
+def loop1(k8s: Cluster, ns: str, operator: Operator, fleet: EngineFleet) -> dict[str, Any]:
+    """`loop` with one pod, Ready behind a healthy engine."""
+    return apply_loop(k8s, ns, operator, 1)
+
+
+@pytest.fixture
+def loop2(k8s: Cluster, ns: str, operator: Operator, fleet: EngineFleet) -> dict[str, Any]:
+    """`loop` with two pods (both GPUs), Ready behind healthy engines."""
+    return apply_loop(k8s, ns, operator, 2)
+
+
+@pytest.fixture
+def grown(k8s: Cluster, ns: str, operator: Operator, loop1: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(loop's pod before, the same pod after): load on its engine made the operator raise its memory request, in
+    place; the load has stopped since."""
+    (pod,) = pods(k8s, ns, LOOP)
+    initial = request_of(pod)
+    assert initial == "4Mi" and loop1["status"]["memory"]["hostMemoryRequest"] == "4Mi"
+    with Load(f"http://{pod['status']['podIP']}:{PORT}", LOOP) as load:
+        def raised() -> dict[str, Any] | None:
+            (p,) = pods(k8s, ns, LOOP)
+            return p if request_of(p) != initial else None
+
+        after = wait_for(raised, "the memory request to follow the engine's host KV", timeout=90, op=operator)
+        # The request follows the KV of running requests; on a busy machine none may have finished yet.
+        wait_for(lambda: load.completed > 0 or len(load.errors) > 3, "a completed request", timeout=90)
+        assert load.completed > 0, load.errors[:3]
+    return pod, after
 
 
 def test_stale_metrics_cause_no_change(k8s: Cluster, ns: str, model: Path, operator: Operator,
@@ -140,27 +177,12 @@ def test_stale_metrics_cause_no_change(k8s: Cluster, ns: str, model: Path, opera
         assert pied["status"]["decisions"] == [] and pied["status"]["phase"] == "Ready"
         assert {p["metadata"]["name"]: request_of(p) for p in pods(k8s, ns, "junk")} == before
         assert {p["metrics"].split(" ")[0] for p in pied["status"]["pods"]} == {"garbage", "unreachable"}
-        k8s.kubectl("delete", "-n", ns, "pied", "junk")
-        # Garbage collection of a fresh CRD's children can lag ~30 s (controller-manager discovery): the GPUs are
-        # needed now, so delete the pods too (nothing recreates them: their PieDeployment is gone).
-        k8s.kubectl("delete", "-n", ns, "pods", "-l", "pie.io/deployment=junk", "--wait=false")
-        wait_for(lambda: not pods(k8s, ns, "junk"), "junk's pods to go (they hold both GPUs)", timeout=60)
 
 
-def test_memory_grows_with_the_load_in_place(k8s: Cluster, ns: str, operator: Operator, fleet: EngineFleet) -> None:
-    k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(deployment(LOOP, 1)))
-    pied = wait_for(lambda: ready(k8s, ns, LOOP, 1), "loop Ready with a healthy engine", timeout=90, op=operator)
-    (pod,) = pods(k8s, ns, LOOP)
-    name, initial = pod["metadata"]["name"], request_of(pod)
-    assert initial == "4Mi" and pied["status"]["memory"]["hostMemoryRequest"] == "4Mi"
-
-    with Load(f"http://{pod['status']['podIP']}:{PORT}", LOOP) as load:
-        def grown() -> dict[str, Any] | None:
-            (p,) = pods(k8s, ns, LOOP)
-            return p if request_of(p) != initial else None
-
-        grew = wait_for(grown, "the memory request to follow the engine's host KV", timeout=90, op=operator)
-        assert load.completed > 0, load.errors[:3]
+def test_memory_grows_with_the_load_in_place(k8s: Cluster, ns: str,
+                                             grown: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    pod, grew = grown
+    name = pod["metadata"]["name"]
     assert grew["metadata"]["name"] == name  # resized in place: same pod, no restart, KV kept
     pied = get(k8s, ns, "pied", LOOP)
     raised = request_of(grew)
@@ -176,9 +198,9 @@ def test_memory_grows_with_the_load_in_place(k8s: Cluster, ns: str, operator: Op
 
 
 def test_memory_comes_back_down_when_the_load_stops(k8s: Cluster, ns: str, operator: Operator,
-                                                    fleet: EngineFleet) -> None:
-    (pod,) = pods(k8s, ns, LOOP)
-    assert request_of(pod) != "4Mi"  # raised by the previous test; the load has stopped since
+                                                    grown: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    _, pod = grown
+    assert request_of(pod) != "4Mi"  # raised under load; the load has stopped since
     # After the window (8 s) and the cooldown (6 s) the request comes back to the minimum, in place.
     back = wait_for(lambda: (p := pods(k8s, ns, LOOP)) and request_of(p[0]) == "4Mi" and p[0],
                     "the request to come back down after the cooldown", timeout=40, op=operator)
@@ -186,7 +208,8 @@ def test_memory_comes_back_down_when_the_load_stops(k8s: Cluster, ns: str, opera
     assert get(k8s, ns, "pied", LOOP)["status"]["decisions"][-1]["to"] == "4Mi"
 
 
-def test_gpu_budget_follows_the_engine_live(k8s: Cluster, ns: str, operator: Operator, fleet: EngineFleet) -> None:
+def test_gpu_budget_follows_the_engine_live(k8s: Cluster, ns: str, operator: Operator,
+                                            loop1: dict[str, Any]) -> None:
     """GPU tuning: the budget is applied through the engine's admin endpoint, without a restart -- raised to a new
     minimum (Bounds), then down to the engine's own recommendation (Metrics), then to a plain spec value (Spec)."""
     (pod,) = pods(k8s, ns, LOOP)
@@ -195,14 +218,23 @@ def test_gpu_budget_follows_the_engine_live(k8s: Cluster, ns: str, operator: Ope
     def live(reason: str, to: str | None = None) -> Callable[[], dict[str, Any] | None]:
         def check() -> dict[str, Any] | None:
             pied = get(k8s, ns, "pied", LOOP)
-            d = (pied["status"].get("decisions") or [{}])[-1]
-            ok = (d.get("field") == "gpuMemoryBudget" and d.get("reason") == reason and to in (None, d.get("to"))
+            # (the latest GPU decision: the load below may make memory decisions too)
+            d = next((e for e in reversed(pied["status"].get("decisions") or [])
+                      if e.get("field") == "gpuMemoryBudget"), {})
+            ok = (d.get("reason") == reason and to in (None, d.get("to"))
                   and pied["status"]["pods"][0]["gpuMemoryBudget"] == d.get("to"))
             return d if ok else None
         return check
 
+    def engine(key: str) -> int:
+        return int(httpx.get(url, trust_env=False).json()[key])
+
     def engine_budget() -> int:
-        return int(httpx.get(url, trust_env=False).json()["device_kv_budget_bytes"])
+        return engine("device_kv_budget_bytes")
+
+    # An engine recommends a GPU budget only once it has seen KV demand (until then: no evidence, decisions.py).
+    with Load(f"http://{pod['status']['podIP']}:{PORT}", LOOP, streams=2):
+        wait_for(lambda: engine("recommended_gpu_memory_bytes") > 0, "a GPU budget recommendation", op=operator)
 
     patch(k8s, ns, LOOP, {"memory": {"gpuMemoryBudget": "4Mi", "tuning": {"gpuMemoryBudgetMin": "3Mi"}}})
     d = wait_for(live("Bounds", "3Mi"), "the budget raised to the new minimum, live", timeout=60, op=operator)
@@ -210,7 +242,7 @@ def test_gpu_budget_follows_the_engine_live(k8s: Cluster, ns: str, operator: Ope
 
     patch(k8s, ns, LOOP, {"memory": {"tuning": {"gpuMemoryBudgetMin": "256Ki"}}})
     d = wait_for(live("Metrics"), "the budget to follow pie_recommended_gpu_memory_bytes", timeout=60, op=operator)
-    recommended = int(httpx.get(url, trust_env=False).json()["recommended_gpu_memory_bytes"])
+    recommended = engine("recommended_gpu_memory_bytes")
     assert d["from"] == "3Mi" and parse_bytes(d["to"]) == max(-(-recommended // Mi) * Mi, 256 * 1024)
     assert engine_budget() == parse_bytes(d["to"])
 
@@ -225,9 +257,7 @@ def snapshot(k8s: Cluster, ns: str) -> list[tuple[str, str, bool]]:
 
 
 def test_image_change_rolls_out_one_gated_pod_at_a_time(k8s: Cluster, ns: str, operator: Operator,
-                                                        fleet: EngineFleet) -> None:
-    k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(deployment(LOOP, 2)))  # (exists unless run alone)
-    wait_for(lambda: ready(k8s, ns, LOOP, 2), "2 healthy engines", timeout=90, op=operator)
+                                                        fleet: EngineFleet, loop2: dict[str, Any]) -> None:
     old = {p["metadata"]["name"] for p in pods(k8s, ns, LOOP)}
     patch(k8s, ns, LOOP, {"engine": {"image": "pie-engine:v2", "port": PORT}})
     seen: list[list[tuple[str, str, bool]]] = []
@@ -248,8 +278,9 @@ def test_image_change_rolls_out_one_gated_pod_at_a_time(k8s: Cluster, ns: str, o
     assert pied["status"]["rollout"]["lastGoodRevision"] == pied["status"]["updateRevision"]
 
 
-def test_failed_gate_pauses_then_rolls_back(k8s: Cluster, ns: str, operator: Operator, fleet: EngineFleet) -> None:
-    good = get(k8s, ns, "pied", LOOP)["status"]["updateRevision"]
+def test_failed_gate_pauses_then_rolls_back(k8s: Cluster, ns: str, operator: Operator,
+                                            loop2: dict[str, Any]) -> None:
+    good = loop2["status"]["updateRevision"]
     patch(k8s, ns, LOOP, {"engine": {"image": "pie-engine:v2", "port": PORT, "args": ["--max-num-seqs=0"]}})
 
     def paused() -> dict[str, Any] | None:
@@ -276,12 +307,12 @@ def test_failed_gate_pauses_then_rolls_back(k8s: Cluster, ns: str, operator: Ope
     pied = wait_for(rolled_back, "the rollback to the last good revision", timeout=90, op=operator)
     assert condition(pied, "Degraded")["reason"] == "RolledBack"
     assert pied["status"]["rollout"]["failedRevision"] != good
-    patch(k8s, ns, LOOP, {"engine": {"image": "pie-engine:v2", "port": PORT, "args": []}})  # back to good
+    patch(k8s, ns, LOOP, {"engine": {"image": "pie-engine:v1", "port": PORT, "args": []}})  # the good revision
     wait_for(lambda: ready(k8s, ns, LOOP, 2), "the spec back on the good revision", timeout=60, op=operator)
 
 
 def test_operator_restart_mid_rollout_finishes_without_extra_deletions(
-        k8s: Cluster, ns: str, operator: Operator, fleet: EngineFleet) -> None:
+        k8s: Cluster, ns: str, operator: Operator, fleet: EngineFleet, loop2: dict[str, Any]) -> None:
     before = {p["metadata"]["name"] for p in pods(k8s, ns, LOOP)}
     seen_before = set(fleet.seen)
     patch(k8s, ns, LOOP, {"engine": {"image": "pie-engine:v3", "port": PORT, "args": []}})

@@ -3,7 +3,10 @@
 No container runs on kwok nodes, so the operator Deployment's pod never executes. Instead the operator runs here as a
 subprocess with the Deployment's own args, authenticated AS the chart's ServiceAccount (a token from the TokenRequest
 API): if it reconciles a PieDeployment end to end (create, resize, scale down, Events, status) without a single 403,
-the chart's RBAC is sufficient. Tests run in file order and share one release.
+the chart's RBAC is sufficient.
+
+Tests that only look share one release (`release`, never changed); tests that change one (upgrade, the operator
+reconciling in its namespace, uninstall) install their own (`own_release`), so any test passes alone or in any order.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +30,7 @@ import yaml
 
 from tests.cluster import build
 from tests.cluster.cluster import Cluster
+from tests.e2e.helpers import delete_namespace
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -81,8 +86,10 @@ def new_namespace(k8s: Cluster, name: str) -> None:
              f"the default ServiceAccount in {name}")
 
 
-@pytest.fixture(scope="module")
-def release(k8s: Cluster) -> Iterator[Release]:
+@contextmanager
+def installed(k8s: Cluster) -> Iterator[Release]:
+    """A fresh release in a namespace of its own, watching another; uninstalled and both namespaces deleted (their
+    pods gone first: GPUs are scarce) at the end."""
     suffix = uuid.uuid4().hex[:6]
     rel = Release(f"pie-{suffix}", f"pie-system-{suffix}", f"helm-{suffix}", f"pie-{suffix}-pie-operator")
     for ns in (rel.namespace, rel.watched):
@@ -94,7 +101,21 @@ def release(k8s: Cluster) -> Iterator[Release]:
     finally:
         helm(k8s, "uninstall", rel.name, "-n", rel.namespace, check=False)
         for ns in (rel.watched, rel.namespace):
-            k8s.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+            delete_namespace(k8s, ns)
+
+
+@pytest.fixture(scope="module")
+def release(k8s: Cluster) -> Iterator[Release]:
+    """A release the tests only look at (none of them may change it)."""
+    with installed(k8s) as rel:
+        yield rel
+
+
+@pytest.fixture
+def own_release(k8s: Cluster) -> Iterator[Release]:
+    """A release for one test to change."""
+    with installed(k8s) as rel:
+        yield rel
 
 
 def test_install_creates_what_the_values_say(k8s: Cluster, release: Release) -> None:
@@ -120,7 +141,8 @@ def test_install_creates_what_the_values_say(k8s: Cluster, release: Release) -> 
     assert f"It reconciles PieDeployments in: {release.watched} (one Role per namespace)" in release.notes
 
 
-def test_upgrade_changes_the_operator_args(k8s: Cluster, release: Release) -> None:
+def test_upgrade_changes_the_operator_args(k8s: Cluster, own_release: Release) -> None:
+    release = own_release
     helm(k8s, "upgrade", release.name, str(CHART), "-n", release.namespace, "--reuse-values",
          "--set", "resyncSeconds=10")
     dep = get(k8s, release.namespace, "deployment", release.service_account)
@@ -173,7 +195,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_operator_as_the_service_account_reconciles(k8s: Cluster, release: Release, tmp_path: Path) -> None:
+def test_operator_as_the_service_account_reconciles(k8s: Cluster, own_release: Release, tmp_path: Path) -> None:
+    release = own_release
     kubeconfig = _token_kubeconfig(k8s, release, tmp_path / "sa-kubeconfig")
     denied = subprocess.run([str(k8s.bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig), "get", "nodes"],
                             capture_output=True, text=True, timeout=30)
@@ -267,7 +290,8 @@ def test_example_applies_server_side(k8s: Cluster, release: Release, example: Pa
     assert "piedeployment.pie.io/" in cp.stdout
 
 
-def test_uninstall_removes_everything_but_the_crd(k8s: Cluster, release: Release) -> None:
+def test_uninstall_removes_everything_but_the_crd(k8s: Cluster, own_release: Release) -> None:
+    release = own_release
     helm(k8s, "uninstall", release.name, "-n", release.namespace, "--wait")
     selector = f"app.kubernetes.io/instance={release.name}"
     for ns, kinds in ((release.namespace, "deployments,serviceaccounts,roles,rolebindings"),

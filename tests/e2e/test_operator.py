@@ -1,7 +1,7 @@
-"""The operator, as a real subprocess, against the real local control plane (kwok GH200 nodes).
+"""The operator, as a real subprocess, against the real local control plane (kwok GH200 nodes): apply, scale,
+change, resize, kill/restart, delete of `tiny` (examples/minimal.yaml).
 
-Tests run in file order and share one namespace and one PieDeployment (`tiny` from examples/minimal.yaml): apply,
-scale, change, resize, kill/restart, delete.
+Each test has its own namespace, operator and (fixture `tiny`) PieDeployment, so any one passes alone or in any order.
 """
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from tests.cluster.cluster import Cluster
-from tests.e2e.helpers import REPO, Operator, condition, get, new_namespace, wait_for
+from tests.e2e.helpers import REPO, Operator, condition, get, wait_for
 
 pytestmark = pytest.mark.e2e
 NAME = "tiny"
@@ -24,23 +25,36 @@ NAME = "tiny"
 PORT = random.randint(30000, 39999)
 
 
-@pytest.fixture(scope="module")
-def ns(k8s: Cluster) -> Iterator[str]:
-    name = new_namespace(k8s, "op")
-    yield name
-    k8s.kubectl("delete", "namespace", name, "--wait=false", check=False)
+@pytest.fixture
+def ns(k8s_namespace: str) -> str:
+    return k8s_namespace
 
 
-@pytest.fixture(scope="module")
-def operator(k8s: Cluster, ns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    op = Operator(k8s, ns, tmp_path_factory.mktemp("operator") / "operator.log", "--resync-seconds", "5",
-                  "--metrics-interval-seconds", "1")
+@pytest.fixture
+def operator(k8s: Cluster, ns: str, tmp_path: Path) -> Iterator[Operator]:
+    op = Operator(k8s, ns, tmp_path / "operator.log", "--resync-seconds", "5", "--metrics-interval-seconds", "1")
     op.start()
     try:
         yield op
     finally:
         op.stop()
         print(f"--- operator log ({op.log}) ---\n{op.tail()}")
+
+
+def apply_minimal(k8s: Cluster, ns: str) -> None:
+    # No engine runs behind these pods (kwok only marks them Ready; tests/e2e/test_closed_loop.py runs real
+    # engines), so the rollout gate is Ready alone here.
+    doc = yaml.safe_load((REPO / "examples" / "minimal.yaml").read_text())
+    doc["spec"]["rollout"] = {"gate": {"engineHealth": False}}
+    doc["spec"]["engine"]["port"] = PORT
+    k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
+
+
+@pytest.fixture
+def tiny(k8s: Cluster, ns: str, operator: Operator) -> dict[str, Any]:
+    """examples/minimal.yaml applied and converged: Ready with 1 pod."""
+    apply_minimal(k8s, ns)
+    return wait_for(lambda: converged(k8s, ns, 1), "tiny to be Ready with 1 pod", op=operator)
 
 
 def engine_pods(k8s: Cluster, ns: str, include_terminating: bool = False) -> list[dict[str, Any]]:
@@ -110,12 +124,7 @@ def test_explain_teaches_the_api(k8s: Cluster) -> None:
 
 
 def test_apply_minimal_creates_ready_engine_pods(k8s: Cluster, ns: str, operator: Operator) -> None:
-    # No engine runs behind these pods (kwok only marks them Ready; tests/e2e/test_closed_loop.py runs real
-    # engines), so the rollout gate is Ready alone here.
-    doc = yaml.safe_load((REPO / "examples" / "minimal.yaml").read_text())
-    doc["spec"]["rollout"] = {"gate": {"engineHealth": False}}
-    doc["spec"]["engine"]["port"] = PORT
-    k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
+    apply_minimal(k8s, ns)
     pied = wait_for(lambda: converged(k8s, ns, 1), "tiny to be Ready with 1 pod", op=operator)
     uid = pied["metadata"]["uid"]
     (pod,) = engine_pods(k8s, ns)
@@ -157,7 +166,7 @@ def test_apply_minimal_creates_ready_engine_pods(k8s: Cluster, ns: str, operator
     assert NAME in k8s.kubectl("get", "-n", ns, "pie").stdout  # the `pie` category
 
 
-def test_scale_and_update_converge(k8s: Cluster, ns: str, operator: Operator) -> None:
+def test_scale_and_update_converge(k8s: Cluster, ns: str, operator: Operator, tiny: dict[str, Any]) -> None:
     k8s.kubectl("scale", "-n", ns, "pied", NAME, "--replicas=2")  # through the scale subresource
     wait_for(lambda: converged(k8s, ns, 2), "2 ready pods", op=operator)
     assert {p["spec"]["nodeName"] for p in engine_pods(k8s, ns)} == {"gh200-0", "gh200-1"}  # one GPU per node
@@ -176,7 +185,7 @@ def test_scale_and_update_converge(k8s: Cluster, ns: str, operator: Operator) ->
     assert {"CreatedPod", "DeletedOutdated", "DeletedScaledDown"} <= reasons
 
 
-def test_memory_change_resizes_in_place(k8s: Cluster, ns: str, operator: Operator) -> None:
+def test_memory_change_resizes_in_place(k8s: Cluster, ns: str, operator: Operator, tiny: dict[str, Any]) -> None:
     (before,) = engine_pods(k8s, ns)
     patch(k8s, ns, {"memory": {"hostMemory": {"min": "32Gi"}, "headroom": "0"}})
 
@@ -192,7 +201,8 @@ def test_memory_change_resizes_in_place(k8s: Cluster, ns: str, operator: Operato
     assert pied["status"]["pods"][0]["memoryRequest"] == "48Gi"
 
 
-def test_restart_after_sigkill_does_not_duplicate(k8s: Cluster, ns: str, operator: Operator) -> None:
+def test_restart_after_sigkill_does_not_duplicate(k8s: Cluster, ns: str, operator: Operator,
+                                                 tiny: dict[str, Any]) -> None:
     (survivor,) = engine_pods(k8s, ns)
     operator.kill()
     patch(k8s, ns, {"replicas": 2})  # made while no operator runs
@@ -211,7 +221,8 @@ def test_restart_after_sigkill_does_not_duplicate(k8s: Cluster, ns: str, operato
     assert {p["metadata"]["name"] for p in engine_pods(k8s, ns, include_terminating=True)} == names
 
 
-def test_state_lives_in_status_not_annotations(k8s: Cluster, ns: str, operator: Operator) -> None:
+def test_state_lives_in_status_not_annotations(k8s: Cluster, ns: str, operator: Operator,
+                                               tiny: dict[str, Any]) -> None:
     pied = get(k8s, ns, "pied", NAME)
     annotations = pied["metadata"].get("annotations", {})
     assert not [k for k in annotations if "kopf" in k or "pie.io" in k], annotations
@@ -231,10 +242,9 @@ def test_unschedulable_pod_is_reported(k8s: Cluster, ns: str, operator: Operator
 
     cond = wait_for(degraded, "big (2 GPUs per pod, nodes have 1) to be Degraded/Unschedulable", op=operator)
     assert "Insufficient nvidia.com/gpu" in cond["message"], cond
-    k8s.kubectl("delete", "-n", ns, "pied", "big", "--wait=false")
 
 
-def test_delete_garbage_collects_children(k8s: Cluster, ns: str, operator: Operator) -> None:
+def test_delete_garbage_collects_children(k8s: Cluster, ns: str, operator: Operator, tiny: dict[str, Any]) -> None:
     k8s.kubectl("delete", "-n", ns, "pied", NAME, "--wait=true", timeout=60)
 
     def gone() -> bool:

@@ -1,12 +1,15 @@
-"""Status writes and condition Events of reconcile.py, against a recording stand-in for the API boundary (k8s.Kube)."""
+"""Status writes and condition Events (actuate.write_status, status.condition_events), against a recording stand-in
+for the two `Kube` methods they use."""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
 
-from pie_operator.reconcile import _write_status
+from pie_operator.actuate import write_status
+from pie_operator.status import api_error_status
 
 
 class RecordingKube:
@@ -57,10 +60,12 @@ READY = st(("True", "AllReplicasReady"), ("False", "RolloutComplete"))
      []),                                                                # stale metrics: Events per pod, not here
     (READY, st(("True", "AllReplicasReady"), ("False", "RolloutComplete"), ("True", "GateFailed")), True,
      [("Warning", "GateFailed")]),
+    (READY, api_error_status("403 Forbidden", 1, READY, datetime(2025, 1, 2, tzinfo=timezone.utc)), True,
+     [("Warning", "ApiError")]),                                         # the API failed a pass: only Degraded flips
 ])
 def test_write_status(previous: dict[str, Any], new: dict[str, Any], written: bool,
                       events: list[tuple[str, str]]) -> None:
     kube = RecordingKube()
-    assert _write_status(kube, BODY, previous, new) is written  # type: ignore[arg-type]
+    assert write_status(kube, BODY, previous, new) is written  # type: ignore[arg-type]
     assert kube.patches == ([new] if written else [])
     assert kube.events == events

@@ -1,0 +1,238 @@
+"""Decide: Snapshot -> ReconcilePlan, pure (no I/O, no clock but the snapshot's), computed once per pass.
+
+It strings together the pure rules -- rollout.py (which revision pods converge to, may the rollout step),
+tuning.py / decisions.py (per-pod memory requests and GPU budgets), planning.py (which pods to create and delete),
+builders.py (the desired objects) -- into the actions actuate.py carries out, and renders the status from the plan
+and what acting did (`desired_status`).
+
+A live GPU budget change is the one action whose effect only the engine knows: the plan assumes it lands live. An
+engine that answers otherwise leaves its answer in status.pods[] (GPU_RESTART, GPU_REJECTED) and the pass is decided
+again at once, with the answer in the snapshot (actuate.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pie_operator import builders, memory
+from pie_operator.memory import initial_decision, pod_memory
+from pie_operator.planning import Plan, Pod, is_finished, is_ready, is_terminating, plan, revision
+from pie_operator.quantity import format_bytes
+from pie_operator.rollout import RolloutState, advance, baseline_stall, gate_verdict
+from pie_operator.scrape import Observation
+from pie_operator.snapshot import Snapshot
+from pie_operator.status import compute_status, invalid_status
+from pie_operator.tuning import (
+    GPU_REJECTED,
+    GPU_RESTART,
+    GpuChange,
+    container_status,
+    plan_tuning,
+    template_budget,
+    template_request,
+)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One status.decisions entry (and its Event), added once its action went through."""
+
+    pod: str
+    field: str  # memory | gpuMemoryBudget
+    old: str
+    new: str
+    reason: str
+    message: str
+    via: str  # how it was applied
+
+
+@dataclass(frozen=True)
+class GpuLive:
+    """POST `change` to the engine of `change.pod` at `ip`:`port`."""
+
+    change: GpuChange
+    bytes: int
+    ip: str
+    port: int
+    restarts: int  # the container's restartCount now: a restart would bring back its --gpu-memory-budget
+
+
+@dataclass(frozen=True)
+class MemoryAction:
+    record: Record
+    resize: tuple[str, str | None] | None = None  # (request, limit) through pods/resize; None: nothing to call
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass
+class ReconcilePlan:
+    """Everything one pass does, and what its status is rendered from."""
+
+    invalid: str = ""  # the spec is invalid: the status says why and nothing else is touched
+    revision: str = ""  # the revision pods converge to
+    admin_secret: dict[str, Any] | None = None  # create it (its random token is actuate's) when it has no token
+    gpu: list[GpuLive] = field(default_factory=list)
+    recorded: list[Record] = field(default_factory=list)  # decided with nothing to call (applied by replacement)
+    apply: list[dict[str, Any]] = field(default_factory=list)  # owned objects that differ from the cluster's
+    steps: Plan = field(default_factory=Plan)
+    new_pod: dict[str, Any] = field(default_factory=dict)
+    memory: list[MemoryAction] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    rollout: RolloutState | None = None
+    memo: dict[str, dict[str, Any]] = field(default_factory=dict)  # pod -> status.pods[] fields to carry
+    status_memory: dict[str, str] = field(default_factory=dict)  # status.memory: what new pods get
+
+
+def decide(snap: Snapshot) -> ReconcilePlan:
+    """One step toward the spec (docs/operator.md, "The reconcile loop")."""
+    spec = snap.spec
+    if spec is None:
+        return ReconcilePlan(invalid=snap.invalid)
+    name, namespace, now, previous = snap.name, snap.namespace, snap.now, snap.previous
+    last = {pod: v.last for pod, v in snap.views.items()}
+    prev_pods = {e["name"]: e for e in previous.get("pods") or [] if e.get("name")}
+    prev_memory = previous.get("memory") or {}
+    owner = builders.owner_reference(snap.body)
+
+    # The revision hashes the template without its memory values (those follow the per-pod decisions below).
+    initial = initial_decision(spec.memory)
+    spec_template = builders.pod_template(spec, name, initial)
+    spec_revision = builders.template_hash(spec_template)
+    gate = spec.rollout.gate
+    baseline = baseline_stall(snap.pods, last, spec_revision)
+    rollout, target = advance(
+        RolloutState.from_status(previous.get("rollout")), spec_revision=spec_revision, spec_template=spec_template,
+        pods=snap.pods, replicas=spec.replicas, auto_rollback=spec.rollout.auto_rollback,
+        verdict=lambda p: gate_verdict(p, last.get(p["metadata"]["name"]), now=now,
+                                       step_timeout=spec.rollout.step_timeout_seconds,
+                                       engine_health=gate.engine_health, baseline_stall=baseline,
+                                       max_stall_regression=gate.max_stall_regression))
+
+    # The closed loop: memory and GPU decisions for the running pods of the target revision.
+    tuned = [p for p in snap.pods if not is_terminating(p) and not is_finished(p)
+             and revision(p) == target.revision and p.get("status", {}).get("podIP")]
+    tplan = plan_tuning(spec, initial, tuned, prev_pods, snap.views, now=now.timestamp(),
+                        resize_supported=snap.resize_supported,
+                        tmpl_request=template_request(spec, prev_memory.get("hostMemoryRequest")))
+    gpu = _gpu(tplan.gpu, {p["metadata"]["name"]: p for p in tuned}, prev_pods, spec.engine.port)
+    budget = template_budget(spec, prev_memory.get("gpuMemoryBudget"))
+    if gpu.latest is not None and spec.memory.tuning.gpu_memory_budget_min is not None:
+        budget = gpu.latest
+    decision = memory.decide(spec.memory, tplan.template_request, budget)  # what new pods get
+    request, limit = pod_memory(spec.memory, decision)
+
+    surge, unavailable = spec.rollout.bounds(spec.replicas)
+    passed = set(rollout.passed)
+    desired = [builders.service(spec, name, namespace, owner),
+               builders.config_map(spec, name, namespace, target.revision, decision, owner),
+               builders.pod_disruption_budget(spec, name, namespace, owner)]
+    return ReconcilePlan(
+        revision=target.revision,
+        admin_secret=None if snap.admin_token else builders.admin_secret(name, namespace, "", owner),
+        gpu=gpu.live, recorded=gpu.recorded,
+        apply=[obj for obj in desired if not _contains(snap.owned.get(obj["kind"]), obj)],
+        steps=plan(snap.pods, desired_revision=target.revision, replicas=spec.replicas, max_surge=surge,
+                   max_unavailable=unavailable, replace={**tplan.replace, **gpu.replace}, hold=target.hold,
+                   gate=lambda p: is_ready(p) and p["metadata"]["name"] in passed),
+        new_pod=builders.pod(builders.with_memory(target.template, request, limit, decision.gpu_memory_budget),
+                             name, namespace, target.revision, owner),
+        memory=[MemoryAction(Record(pod, "memory", format_bytes(c.old), format_bytes(c.new), c.reason, c.message, via),
+                             tplan.resize.get(pod)) for pod, c, via in tplan.changes],
+        events=_scrape_events(prev_pods, last),
+        rollout=rollout,
+        memo={pod: {**tplan.memo.get(pod, {}), **gpu.memo.get(pod, {})} for pod in {*tplan.memo, *gpu.memo}},
+        status_memory={"hostMemoryRequest": request, "gpuMemoryBudget": decision.gpu_memory_budget,
+                       "expansionRatio": _expansion_ratio(last, decision.expansion_ratio)})
+
+
+def desired_status(snap: Snapshot, plan: ReconcilePlan, pods: list[Pod], learned: dict[str, dict[str, Any]],
+                   decisions: list[dict[str, Any]], *, stopped: bool) -> dict[str, Any]:
+    """The status after acting: `pods` as they are now, `learned` the status.pods[] fields acting found out,
+    `decisions` the status.decisions history; `stopped`: acting ended early (nothing the plan assumed applies)."""
+    previous = snap.previous
+    if snap.spec is None:
+        return invalid_status(plan.invalid, snap.generation, previous, snap.now)
+    prev_pods = {e["name"]: e for e in previous.get("pods") or [] if e.get("name")}
+    memo = {pod: {**prev_pods.get(pod, {}), **plan.memo.get(pod, {}), **learned.get(pod, {})}
+            for pod in {p["metadata"]["name"] for p in pods}}
+    return compute_status(
+        name=snap.name, pods=pods, replicas=snap.spec.replicas, desired_revision=plan.revision,
+        generation=snap.generation, selector=snap.selector,
+        memory=(previous.get("memory") or plan.status_memory) if stopped else plan.status_memory,
+        previous=previous, now=snap.now, rollout=plan.rollout, observations={p: v.last for p, v in snap.views.items()},
+        memo=memo, decisions=decisions)
+
+
+@dataclass
+class _Gpu:
+    live: list[GpuLive] = field(default_factory=list)
+    replace: dict[str, str] = field(default_factory=dict)  # pod -> "GPUBudgetChanged: ..." (planning.plan)
+    recorded: list[Record] = field(default_factory=list)
+    memo: dict[str, dict[str, Any]] = field(default_factory=dict)
+    latest: str | None = None  # the last budget decided (new pods start with it)
+
+
+def _gpu(changes: list[GpuChange], pods: dict[str, Pod], prev_pods: dict[str, dict[str, Any]], port: int) -> _Gpu:
+    """How each GPU budget change is applied: live through the engine, or by replacing the pod where the engine
+    cannot take it live (a fraction of an unknown GPU size; an earlier answer, GPU_RESTART)."""
+    out = _Gpu()
+    for g in changes:
+        prev = prev_pods.get(g.pod, {})
+        if prev.get(GPU_REJECTED) == g.new:
+            continue  # refused by the engine: not forced through a restart either (a new decision is tried)
+        if g.bytes is None or prev.get(GPU_RESTART) == g.new:
+            out.replace[g.pod] = f"GPUBudgetChanged: GPU memory budget {g.old} -> {g.new}"
+            if g.bytes is None:  # (an engine's GPU_RESTART answer was recorded when it came)
+                out.recorded.append(Record(g.pod, "gpuMemoryBudget", g.old, g.new, g.reason, g.message,
+                                           "Rolling (the budget is a fraction and the GPU size is unknown)"))
+        else:
+            p = pods[g.pod]
+            out.live.append(GpuLive(g, g.bytes, p["status"]["podIP"], port, container_status(p).get("restartCount", 0)))
+        out.latest = g.new
+    # An answer about a budget no longer decided is stale (the decision moved on, or the engine runs with it now).
+    for pod, prev in prev_pods.items():
+        for key in (GPU_RESTART, GPU_REJECTED):
+            if prev.get(key) and not any(g.pod == pod and g.new == prev[key] for g in changes):
+                out.memo.setdefault(pod, {})[key] = ""
+    return out
+
+
+def _contains(actual: Any, desired: Any) -> bool:
+    """Whether the object as read already has every field we set, with our value: applying it would change
+    nothing we own, so it is not sent (server-side apply would only be a no-op write)."""
+    if isinstance(desired, dict):
+        return isinstance(actual, dict) and all(_contains(actual.get(k), v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return isinstance(actual, list) and len(actual) == len(desired) and all(map(_contains, actual, desired))
+    return bool(actual == desired)
+
+
+def _scrape_events(prev_pods: dict[str, dict[str, Any]], last: dict[str, Observation | None]) -> list[Event]:
+    """One Event when a pod's metrics go stale (and one when they recover), not one per scrape: the previous
+    status.pods[].metrics says what was announced."""
+    out = []
+    for pod, obs in last.items():
+        if obs is None:
+            continue
+        before, now = prev_pods.get(pod, {}).get("metrics", ""), "ok" if obs.ok else obs.error
+        if now == before:
+            continue
+        if not obs.ok:
+            out.append(Event("Warning", "MetricsStale", f"pod {pod}: {obs.error}; its metrics are ignored "
+                                                        "(no decision is made from stale data)"))
+        elif before:
+            out.append(Event("Normal", "MetricsRecovered", f"pod {pod}: metrics are fresh again"))
+    return out
+
+
+def _expansion_ratio(last: dict[str, Observation | None], default: str) -> str:
+    """The mean measured expansion ratio over freshly scraped engines (the printer column), else the setting."""
+    ratios = [o.metrics["pie_expansion_ratio"] for o in last.values() if o is not None and o.metrics is not None]
+    return f"{sum(ratios) / len(ratios):.2f}" if ratios else default

@@ -1,0 +1,85 @@
+"""Observe: everything one reconcile pass decides from, read once at its start into an immutable `Snapshot`.
+
+Only reads: the apiserver through `k8s.Kube`, the engines through the operator's latest scrapes (observe.py). The
+decision (decide.py) is a pure function of the snapshot, so anything it may depend on has to be in here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from pie_operator import builders
+from pie_operator.k8s import Kube, secret_value
+from pie_operator.observe import Observations, PodView
+from pie_operator.planning import Pod
+from pie_operator.spec import PieDeploymentSpec
+
+
+def validation_message(err: ValidationError) -> str:
+    """A pydantic error as one line a user can act on: `spec.memory.hostMemory: <why>; ...`."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(["spec", *(str(x) for x in e["loc"])])
+        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One PieDeployment and what surrounds it, as seen at `now`."""
+
+    body: dict[str, Any]  # the PieDeployment as read (metadata, spec, status)
+    now: datetime
+    spec: PieDeploymentSpec | None = None  # None: the spec is invalid (`invalid` says why); nothing else is read
+    invalid: str = ""
+    pods: list[Pod] = field(default_factory=list)  # the pods it controls, terminating and finished ones included
+    owned: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # Service etc. as read (None: absent)
+    admin_token: str = ""  # "": the Secret is missing or holds no token yet
+    views: dict[str, PodView] = field(default_factory=dict)  # pod name -> its latest scrape and sample window
+    resize_supported: bool = False  # memory.apply is InPlace and the apiserver serves pods/resize
+
+    @property
+    def namespace(self) -> str:
+        return str(self.body["metadata"]["namespace"])
+
+    @property
+    def name(self) -> str:
+        return str(self.body["metadata"]["name"])
+
+    @property
+    def generation(self) -> int:
+        return int(self.body["metadata"].get("generation", 0))
+
+    @property
+    def previous(self) -> dict[str, Any]:
+        """The status as the previous pass left it (where everything that must survive a restart lives)."""
+        return self.body.get("status") or {}
+
+    @property
+    def selector(self) -> str:
+        return builders.selector_string(self.name)
+
+
+def observe(kube: Kube, body: dict[str, Any], *, now: datetime, observations: Observations | None) -> Snapshot:
+    """Read what a pass over PieDeployment `body` (as just read) needs."""
+    try:
+        spec = PieDeploymentSpec.model_validate(body.get("spec") or {})
+    except ValidationError as e:
+        return Snapshot(body=body, now=now, invalid=validation_message(e))
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    secret = kube.get("Secret", namespace, builders.admin_secret_name(name))
+    views = {} if observations is None else observations.view(
+        (namespace, name), now.timestamp(), spec.memory.tuning.window_seconds)
+    return Snapshot(
+        body=body, now=now, spec=spec,
+        pods=kube.list_pods(namespace, builders.selector_string(name), meta["uid"]),
+        owned={kind: kube.get(kind, namespace, n) for kind, n in builders.owned_names(name).items()},
+        admin_token=secret_value(secret, builders.ADMIN_TOKEN_KEY),
+        views=views,
+        # Asked only when it matters (the real client caches the answer per process).
+        resize_supported=spec.memory.apply == "InPlace" and kube.supports_resize())
