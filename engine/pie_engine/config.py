@@ -4,6 +4,7 @@ A bad value fails when the model is built or assigned, from the CLI or from Pyth
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,20 @@ from pie_engine.quantity import parse_budget, parse_bytes
 
 # json_schema_extra marker: a field for benchmarks and tests, deliberately not a `serve` flag.
 NOT_A_FLAG: JsonDict = {"cli": False}
+
+
+def parse_expansion(setting: str) -> tuple[str, float | None]:
+    """``--expansion``: off | adaptive | a ratio >= 1 (e.g. "2.0") -> (mode, ratio)."""
+    s = str(setting).strip().lower()
+    if s in ("off", "adaptive"):
+        return s, None
+    try:
+        ratio = float(s)
+    except ValueError:
+        raise ValueError(f"expansion must be off, adaptive or a ratio >= 1, got {setting!r}") from None
+    if not ratio >= 1.0 or math.isinf(ratio):
+        raise ValueError(f"an expansion ratio must be a finite number >= 1, got {setting!r}")
+    return "static", ratio
 
 
 class EngineConfig(BaseModel):
@@ -73,20 +88,15 @@ class EngineConfig(BaseModel):
     @field_validator("expansion")
     @classmethod
     def _expansion(cls, v: str) -> str:
-        from pie_engine.pie.controller_config import parse_expansion  # pure; lazy: the config sits below pie/
-
         parse_expansion(v)
         return v
 
     @model_validator(mode="after")
     def _controller(self) -> EngineConfig:
-        # The expansion controller's own consistency rules (e.g. grow_overhead < epsilon) live with it; checking them
-        # here makes a bad combination fail at construction, not when the first request arrives.
-        from pie_engine.pie.runtime import controller_config_from
-
-        try:
-            controller_config_from(self)
-        except ValueError as e:
-            raise ValueError(f"expansion controller settings (--expansion-epsilon, --expansion-grow-overhead, "
-                             f"--expansion-window, --expansion-cooldown): {e}") from None
+        # NOTE: the one cross-field rule of pie.controller_config.ControllerConfig that these fields can break (window
+        # and cooldown have field bounds; confirm_window follows window). Checked here so a bad combination fails at
+        # construction, not when the first request arrives; the config sits below pie/ and cannot build the config.
+        if not 0.0 <= self.expansion_grow_overhead < self.expansion_epsilon:
+            raise ValueError("expansion controller settings: need 0 <= --expansion-grow-overhead < "
+                             f"--expansion-epsilon, got {self.expansion_grow_overhead}, {self.expansion_epsilon}")
         return self

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import torch
 
-from pie_engine.config import EngineConfig, parse_bytes
+from pie_engine.config import EngineConfig, parse_expansion
 from pie_engine.core.scheduler import Scheduler
 from pie_engine.kv.backend import KVBackend
 from pie_engine.kv.cache import KVCache, KVSpec
 from pie_engine.kv.device_cache import DeviceKVCache
-from pie_engine.pie.controller_config import ControllerConfig, parse_expansion
+from pie_engine.pie.controller_config import ControllerConfig
 from pie_engine.pie.copy.link import LinkModel
 from pie_engine.pie.runtime import ExpansionRuntime
 from pie_engine.pie.swap_cache import LayerSwapKVCache
+from pie_engine.quantity import parse_bytes
 
 
 class PieKVBackend(KVBackend):

@@ -23,12 +23,12 @@ import math
 from collections import deque
 from collections.abc import Iterable
 
+from pie_engine.config import parse_expansion
 from pie_engine.pie.controller_config import (
     MODES,
     ControllerConfig,
     IterationSample,
     layers_for_ratio,
-    parse_expansion,
 )
 from pie_engine.pie.geometry import SwapGeometry
 from pie_engine.pie.latency_baseline import LatencyBaseline

@@ -3,7 +3,6 @@ the controller's thresholds, and the per-iteration sample the engine reports. Th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 MODES = ("off", "adaptive", "static")
@@ -74,20 +73,6 @@ class ControllerConfig:
             raise ValueError("window, idle_window and peak_window must be >= 1 and cooldown >= 0")
         if self.headroom < 1.0 or self.grow_headroom < 1.0:
             raise ValueError(f"headroom and grow_headroom must be >= 1, got {self.headroom}, {self.grow_headroom}")
-
-
-def parse_expansion(setting: str) -> tuple[str, float | None]:
-    """``--expansion``: off | adaptive | a ratio >= 1 (e.g. "2.0") -> (mode, ratio)."""
-    s = str(setting).strip().lower()
-    if s in ("off", "adaptive"):
-        return s, None
-    try:
-        ratio = float(s)
-    except ValueError:
-        raise ValueError(f"expansion must be off, adaptive or a ratio >= 1, got {setting!r}") from None
-    if not ratio >= 1.0 or math.isinf(ratio):
-        raise ValueError(f"an expansion ratio must be a finite number >= 1, got {setting!r}")
-    return "static", ratio
 
 
 def layers_for_ratio(num_layers: int, ratio: float) -> int:

@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
+from pie_engine.config import parse_expansion
 from pie_engine.pie.controller import ExpansionController
-from pie_engine.pie.controller_config import ControllerConfig, IterationSample, layers_for_ratio, parse_expansion
+from pie_engine.pie.controller_config import ControllerConfig, IterationSample, layers_for_ratio
 from pie_engine.pie.geometry import SwapGeometry
 from pie_engine.pie.latency_baseline import LatencyBaseline
 
