@@ -21,7 +21,7 @@ A device memory budget (``--gpu-memory-budget``, ``memory.gpuMemoryBudget``) is 
 memory when it is written as a plain decimal with a point (``0.9``, ``.5``, ``1.0``) or as exactly ``1``; the
 fraction must be in (0, 1]. Everything else is a byte quantity (``80Gi``, ``1000``; ``+0.5`` is half a byte: an
 error). tests/unit/engine/test_quantity.py checks all of this against ``kubernetes.utils.parse_quantity`` and the
-CRD's patterns, tests/e2e/test_quantity.py against a real apiserver.
+CRD's patterns, tests/e2e/test_quantity_apiserver.py against a real apiserver.
 """
 
 from __future__ import annotations
