@@ -98,5 +98,6 @@ class EngineConfig(BaseModel):
         # construction, not when the first request arrives; the config sits below pie/ and cannot build the config.
         if not 0.0 <= self.expansion_grow_overhead < self.expansion_epsilon:
             raise ValueError("expansion controller settings: need 0 <= grow_overhead < epsilon "
-                             f"(--expansion-grow-overhead, --expansion-epsilon), got {self.expansion_grow_overhead}, {self.expansion_epsilon}")
+                             "(--expansion-grow-overhead, --expansion-epsilon), "
+                             f"got {self.expansion_grow_overhead}, {self.expansion_epsilon}")
         return self

@@ -1,5 +1,6 @@
 """One quantity parser (pie_engine.quantity): Kubernetes semantics, checked against kubernetes.utils.parse_quantity,
-the operator's spec and the CRD's patterns. tests/e2e/test_quantity_apiserver.py runs the same tables against an apiserver."""
+the operator's spec and the CRD's patterns. tests/e2e/test_quantity_apiserver.py runs the same tables against an
+apiserver."""
 
 from __future__ import annotations
 

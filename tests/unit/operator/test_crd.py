@@ -157,7 +157,8 @@ def test_patterns_match_the_operator() -> None:
 
 
 def test_every_byte_quantity_has_the_range_rule() -> None:
-    """The pattern admits the syntax; one CEL rule per field adds the parser's range (tests/e2e/test_quantity_apiserver.py)."""
+    """The pattern admits the syntax; one CEL rule per field adds the parser's range
+    (tests/e2e/test_quantity_apiserver.py)."""
     mem = SPEC["properties"]["memory"]["properties"]
     fields = [mem["gpuMemoryBudget"], mem["tuning"]["properties"]["gpuMemoryBudgetMin"], mem["base"],
               mem["headroom"], mem["hostMemory"]["properties"]["min"], mem["hostMemory"]["properties"]["max"]]
