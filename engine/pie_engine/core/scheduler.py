@@ -13,6 +13,7 @@ import bisect
 from collections import deque
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
+from itertools import islice
 
 from pie_engine.config import EngineConfig
 from pie_engine.core.block_manager import BlockManager
@@ -186,6 +187,21 @@ class Scheduler:
         return None
 
     # ------------------------------------------------------------------------------------------------ capacity
+    def admissible_waiting_blocks(self) -> int:
+        """KV blocks per layer the waiting requests that could join the batch next need now (up to
+        ``max_num_seqs``): the demand a capacity controller sees. Reads only the first few waiting requests."""
+        room = max(0, self.config.max_num_seqs - self.num_running)
+        return sum(self.block_manager.blocks_needed(s.num_tokens) for s in islice(self.waiting, room))
+
+    def largest_need_blocks(self) -> int:
+        """KV blocks per layer the longest unfinished request needs to run to completion alone: a capacity below
+        this would end it early with "length"."""
+        longest = max((len(s.prompt_token_ids) + s.params.max_tokens for s in [*self.running, *self.waiting]),
+                      default=0)
+        if self.max_model_len is not None:
+            longest = min(longest, self.max_model_len)
+        return self.block_manager.blocks_needed(longest)
+
     def set_num_blocks(self, n: int) -> list[Sequence]:
         """Resize the device KV pool at runtime; first preempt (latest arrival first) every sequence holding a
         block id >= n. Returns the preempted sequences."""

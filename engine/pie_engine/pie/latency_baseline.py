@@ -19,27 +19,19 @@ held-out prediction there), with the larger of its overall error and that bucket
 
 from __future__ import annotations
 
+import numpy as np
+
 # Feature scales keep the normal equations well conditioned (iteration seconds vs token counts).
 _TOKEN_SCALE = 1e3
 _CONTEXT_SCALE = 1e5
 
 
 def _solve3(a: list[list[float]], b: list[float]) -> list[float] | None:
-    """Solve a 3x3 system by Gaussian elimination with partial pivoting; None if singular."""
-    m = [row[:] + [rhs] for row, rhs in zip(a, b, strict=True)]
-    for col in range(3):
-        piv = max(range(col, 3), key=lambda r: abs(m[r][col]))
-        if abs(m[piv][col]) < 1e-300:
-            return None
-        m[col], m[piv] = m[piv], m[col]
-        for r in range(col + 1, 3):
-            f = m[r][col] / m[col][col]
-            for c in range(col, 4):
-                m[r][c] -= f * m[col][c]
-    x = [0.0, 0.0, 0.0]
-    for r in (2, 1, 0):
-        x[r] = (m[r][3] - sum(m[r][c] * x[c] for c in range(r + 1, 3))) / m[r][r]
-    return x
+    """Solve the 3x3 normal equations (numpy's LAPACK solve); None if singular."""
+    try:
+        return [float(v) for v in np.linalg.solve(np.asarray(a), np.asarray(b))]
+    except np.linalg.LinAlgError:
+        return None
 
 
 def load_bucket(num_tokens: int, context_tokens: int) -> tuple[int, int]:

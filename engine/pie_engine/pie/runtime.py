@@ -17,7 +17,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from itertools import islice
 
 import torch
 
@@ -115,8 +114,7 @@ class ExpansionRuntime(KVRuntime):
         if self.swap is None or self.controller is None:
             return []
         sched, bm = self.scheduler, self.block_manager
-        room = max(0, self.config.max_num_seqs - sched.num_running)
-        waiting_blocks = sum(bm.blocks_needed(s.num_tokens) for s in islice(sched.waiting, room))
+        waiting_blocks = sched.admissible_waiting_blocks()
         used = bm.max_used_block_id + 1
         sample = IterationSample(
             iteration_seconds=iteration_seconds, stall_seconds=self.swap.last_step_stall_seconds,
@@ -153,12 +151,7 @@ class ExpansionRuntime(KVRuntime):
     def largest_need(self) -> int:
         """Blocks per layer the longest unfinished request needs to run to completion alone. A capacity below
         this would end it early with "length", so neither the controller nor a budget change shrinks below it."""
-        sched, bm = self.scheduler, self.block_manager
-        longest = max((len(s.prompt_token_ids) + s.params.max_tokens for s in [*sched.running, *sched.waiting]),
-                      default=0)
-        if sched.max_model_len is not None:
-            longest = min(longest, sched.max_model_len)
-        return bm.blocks_needed(longest)
+        return self.scheduler.largest_need_blocks()
 
     def apply(self, m: int) -> list[Sequence]:
         """Move the cache and the block manager to ``m`` layers on host (between steps)."""

@@ -185,3 +185,17 @@ def test_sequence_longer_than_capacity_finishes_instead_of_looping() -> None:
     big = add(s, 3, max_tokens=10)  # fits at first, but grows past 4 tokens of KV
     run(s)
     assert big.finish_reason == "length" and big in s.finished_early
+
+
+def test_demand_reads_for_a_capacity_controller() -> None:
+    """What the expansion runtime reads between steps: the blocks the waiting requests that fit in the batch need
+    now, and the blocks the longest unfinished request needs to finish alone (capped at max_model_len)."""
+    s = make(block_size=4, max_num_seqs=2)
+    assert s.admissible_waiting_blocks() == 0 and s.largest_need_blocks() == 0
+    add(s, 9, max_tokens=8)  # 9 tokens now: 3 blocks; 17 to finish: 5 blocks
+    add(s, 4, max_tokens=600)  # 4 tokens now: 1 block; 604 to finish, capped at 512: 128 blocks
+    add(s, 20, max_tokens=1)  # beyond max_num_seqs: not admissible next
+    assert s.admissible_waiting_blocks() == 3 + 1
+    assert s.largest_need_blocks() == 512 // 4
+    s.schedule()  # both admissible requests start running: no room for the third
+    assert s.admissible_waiting_blocks() == 0
