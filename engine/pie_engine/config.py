@@ -59,6 +59,10 @@ class EngineConfig(BaseModel):
         'cap on host KV memory, bytes ("16Gi"). Default: bounded only by what the model needs'))
     swap_staging_slots: int = Field(2, ge=1, description="Pie: device slots host-backed layers rotate through")
     expansion_epsilon: float = Field(0.05, ge=0.0, description="adaptive: shrink when latency overhead > this")
+    expansion_latency_target: float | None = Field(None, gt=0.0, description=(
+        "adaptive: per-output-token latency target in seconds (mean inter-token latency of running requests); "
+        "expansion backs off where it is exceeded. Default: no worse than no swapping at the same batch by more "
+        "than --expansion-epsilon"))
     expansion_grow_overhead: float = Field(0.04, ge=0.0, description="adaptive: grow only while overhead < this")
     expansion_window: int = Field(8, ge=1, description="adaptive: iterations of evidence per decision")
     expansion_cooldown: int = Field(4, ge=0, description="adaptive: iterations ignored after a change")
