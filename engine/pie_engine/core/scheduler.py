@@ -202,6 +202,11 @@ class Scheduler:
             longest = min(longest, self.max_model_len)
         return self.block_manager.blocks_needed(longest)
 
+    def tokens_to_recompute(self, n: int) -> int:
+        """Computed tokens that a pool of ``n`` blocks per layer would preempt (``set_num_blocks(n)``), and that
+        must then be computed again: what shrinking the pool costs."""
+        return sum(s.num_computed_tokens for s in self.running if any(b >= n for b in s.block_table))
+
     def set_num_blocks(self, n: int) -> list[Sequence]:
         """Resize the device KV pool at runtime; first preempt (latest arrival first) every sequence holding a
         block id >= n. Returns the preempted sequences."""

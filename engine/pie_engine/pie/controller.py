@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from pie_engine.config import parse_expansion
 from pie_engine.pie.controller_config import (
@@ -32,15 +33,26 @@ from pie_engine.pie.controller_config import (
 )
 from pie_engine.pie.geometry import SwapGeometry
 from pie_engine.pie.latency_baseline import LatencyBaseline
+from pie_engine.pie.probe import SpeedTable, better, shrink_pays
 
 Entry = tuple[IterationSample, "tuple[float, float] | None", bool]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A grow under judgement: from ``origin`` to ``target``, at iteration ``started``."""
+
+    origin: int
+    target: int
+    started: int
 
 
 class ExpansionController:
     """Decides m between iterations. Call ``update(sample)`` after each iteration; apply the m it returns."""
 
     def __init__(self, geometry: SwapGeometry, mode: str = "adaptive", ratio: float | None = None,
-                 host_memory_limit: int | None = None, config: ControllerConfig | None = None) -> None:
+                 host_memory_limit: int | None = None, config: ControllerConfig | None = None,
+                 recompute_tokens: Callable[[int], int] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "static" and (ratio is None or ratio < 1.0):
@@ -64,16 +76,23 @@ class ExpansionController:
         self.overhead = self.stall_fraction = 0.0
         self.overheads: dict[str, float | None] = {"stall": 0.0, "excess": None, "baseline": None}
         self.num_grows = self.num_shrinks = 0
+        self.speeds = SpeedTable(cfg.speed_batch, cfg.speed_ttl)
+        # Tokens that moving to a given m would preempt and recompute (the runtime asks the scheduler).
+        self.recompute_tokens: Callable[[int], int] = recompute_tokens or (lambda m: 0)
+        self._probe: Probe | None = None
+        self._paid: str | None = None  # why an overhead above epsilon is being kept (measured speed), if it is
+        self._backoffs = 0  # back-offs since the last kept probe: lengthens the ceiling's ttl
         self.last_decision = "start"
         self.m = self._target_static() if mode == "static" else 0
         self._previous_m = 0  # the m before the last change (what reject() returns to)
 
     @classmethod
     def from_setting(cls, expansion: str, geometry: SwapGeometry, host_memory_limit: int | None = None,
-                     config: ControllerConfig | None = None) -> ExpansionController:
+                     config: ControllerConfig | None = None,
+                     recompute_tokens: Callable[[int], int] | None = None) -> ExpansionController:
         """From the ``--expansion`` flag (off | adaptive | ratio)."""
         mode, ratio = parse_expansion(expansion)
-        return cls(geometry, mode, ratio, host_memory_limit, config)
+        return cls(geometry, mode, ratio, host_memory_limit, config, recompute_tokens)
 
     # -------------------------------------------------------------------------------------------- decisions
     def _target_static(self) -> int:
@@ -97,53 +116,164 @@ class ExpansionController:
         if self.m == 0:
             self.baseline.add(s.iteration_seconds, s.num_tokens, s.context_tokens)
         self._recent.append((s, self._reference(s), demand))
+        self.speeds.add(self.m, self._iteration, s.num_output_tokens, s.iteration_seconds, s.num_requests, demand)
         if len(self._recent) < cfg.window:
             return self.m
         window = list(self._recent)[-cfg.window:]
         self.overhead, self.overheads, self.stall_fraction = self._measure(window)
         if self._ceiling is not None and self._iteration >= self._ceiling[1]:
             self._ceiling = None  # load may have changed: allow probing again
-        if self.m > 0 and self.overhead > cfg.epsilon and (confirmed := self._confirm_overhead()):
-            self._ceiling = (self.m, self._iteration + cfg.ceiling_ttl)
-            self.transparent_limit = self.m - 1
-            terms = ", ".join(f"{k} {v:.3f}" for k, v in self.overheads.items() if v is not None)
-            return self._change(self.m - 1,
-                                f"overhead {self.overhead:.3f} > epsilon {cfg.epsilon} ({terms}; {confirmed})")
+        if self.m > 0 and (verdict := self._guard()) is not None:
+            return verdict
+        if self._probe is not None and (verdict := self._judge_probe(window)) is not None:
+            return verdict
         demand_share = sum(d for _, _, d in window) / len(window)
         ceiling = self._ceiling[0] if self._ceiling is not None else self.geometry.num_layers
         # NOTE: leave m = 0 only with a usable baseline whose error is known, or overhead that is not a stall would
         # go unseen.
         baseline_ready = self.m > 0 or self.baseline.error() is not None
-        if (baseline_ready and self.overhead < cfg.grow_overhead and self.stall_fraction < cfg.grow_stall_fraction
+        if (baseline_ready and self._latency_allows_growth(window) and self.stall_fraction < cfg.grow_stall_fraction
                 and demand_share >= cfg.demand_fraction and self.m + 1 <= self.max_layers_on_host
-                and self.m + 1 < ceiling):
+                and self.m + 1 < ceiling and self._probe is None):
             return self._change(self._grow_target(window, ceiling), f"demand with overhead {self.overhead:.3f}")
         if cfg.idle_shrink and self.m > 0 and len(self._idle) == cfg.idle_window and not any(
                 d for _, d in self._idle):
             smaller = self.geometry.capacity_blocks(self.m - 1)
+            # NOTE: every block in use lies below idle_fraction * C(m - 1): this shrink preempts nothing.
             if max(w for w, _ in self._idle) < cfg.idle_fraction * smaller:
                 return self._change(self.m - 1, "idle: the KV fits with fewer layers on host")
-        self.last_decision = "hold"
+        if demand_share < cfg.demand_fraction:
+            self._paid = None  # a verdict on speed holds only while there is demand to measure it by
+        if self._probe is None:
+            self.last_decision = "hold" if self._paid is None else f"hold: {self._paid}"
         return self.m
 
-    def _confirm_overhead(self) -> str | None:
-        """Why the window's overhead above epsilon is real: clearly above it, or confirmed over ``confirm_window``
-        iterations at this m; None: wait for more evidence (or for the reading to fall back)."""
+    # ------------------------------------------------------------------------------------ guards and probes
+    def _guard(self) -> int | None:
+        """Back off where a constraint is broken (confirmed): stalls above epsilon (swapping is no longer
+        transparent), the explicit latency target, or else the overhead above epsilon unless measured speed pays
+        for it. None: hold or go on."""
         cfg = self.config
-        if self.overhead > cfg.clear_factor * cfg.epsilon:
+        stall = self.overheads["stall"] or 0.0
+        if stall > cfg.epsilon and (why := self._confirm(lambda o: o["stall"] or 0.0, stall, cfg.epsilon)):
+            return self._back_off(f"stall {stall:.3f} > epsilon {cfg.epsilon} ({why})")
+        if cfg.latency_target is not None:
+            itl = self._mean_iteration(list(self._recent)[-cfg.window:])
+            if itl > cfg.latency_target and (why := self._confirm_latency(itl)):
+                return self._back_off(f"iteration {itl * 1e3:.1f} ms > target {cfg.latency_target * 1e3:.1f} ms "
+                                      f"({why})")
+            return None
+        if self.overhead > cfg.epsilon and (why := self._confirm(self._max_term, self.overhead, cfg.epsilon)):
+            if (paid := self._speed_pays()) is not None:
+                self._paid = paid
+                return None
+            terms = ", ".join(f"{k} {v:.3f}" for k, v in self.overheads.items() if v is not None)
+            return self._back_off(f"overhead {self.overhead:.3f} > epsilon {cfg.epsilon} ({terms}; {why})")
+        return None
+
+    def _speed_pays(self) -> str | None:
+        """Why an overhead above epsilon is worth keeping: the speed users see at this m beats the best measured
+        smaller m by more than epsilon (per-output-token latency, queueing included, is better here than where the
+        per-iteration overhead would be lower). None without that evidence."""
+        cfg = self.config
+        here = self.speeds.estimate(self.m, self._iteration)
+        below = self.speeds.best_below(self.m, self._iteration)
+        if here is None or below is None or not better(here, below[1], cfg.epsilon, cfg.probe_z):
+            return None
+        return f"overhead {self.overhead:.3f} paid by speed {here.mean / below[1].mean:.2f}x that of m = {below[0]}"
+
+    def _judge_probe(self, window: list[Entry]) -> int | None:
+        """After a grow: once ``probe_batches`` batches are measured at the new m, undo it if the m it came from was
+        faster by more than epsilon (with confidence) and going back pays for its recomputation. None: keep."""
+        cfg, probe = self.config, self._probe
+        assert probe is not None
+        here = self.speeds.estimate(self.m, self._iteration, since=probe.started)
+        if here is None or here.n < cfg.probe_batches:
+            if self._iteration - probe.started > cfg.cooldown + 4 * cfg.probe_batches * cfg.speed_batch:
+                self._probe = None  # the demand to measure it by is gone: nothing says it is worse
+                self.last_decision = f"probe of m = {self.m} kept: no demand to measure it by"
+            return None
+        self._probe = None
+        origin = self.speeds.estimate(probe.origin, self._iteration)
+        if origin is None or not better(origin, here, cfg.epsilon, cfg.probe_z):
+            self._backoffs = 0
+            ratio = "" if origin is None else f": speed {here.mean / origin.mean:.2f}x that of m = {probe.origin}"
+            self.last_decision = f"probe of m = {self.m} kept{ratio}"
+            return None
+        tokens = self.recompute_tokens(probe.origin)
+        per_token = sum(s.iteration_seconds for s, _, _ in window) / max(1, sum(s.num_tokens for s, _, _ in window))
+        if not shrink_pays(origin.mean, here.mean, cfg.payback_seconds, tokens, per_token):
+            self.last_decision = f"probe of m = {self.m} slower, but undoing it would not pay ({tokens} tokens)"
+            return None
+        return self._back_off(f"probe: speed {here.mean / origin.mean:.2f}x that of m = {probe.origin}", probe)
+
+    def _back_off(self, reason: str, probe: Probe | None = None) -> int:
+        """Shrink: to where a probe came from (a jump that went wrong), else by one layer. The m left stays
+        forbidden (from the probe's midpoint up: a jump halves its range next time) for ``ceiling_ttl``, doubled
+        with every back-off since the last kept probe up to ``max_ceiling_backoff`` times."""
+        cfg = self.config
+        probe = probe or self._probe
+        if probe is not None and probe.target == self.m:
+            target, forbidden = probe.origin, max(probe.origin + 1, (probe.origin + self.m + 1) // 2)
+        else:
+            target, forbidden = self.m - 1, self.m
+        self._backoffs = min(self._backoffs + 1, cfg.max_ceiling_backoff)
+        self._ceiling = (forbidden, self._iteration + cfg.ceiling_ttl * 2 ** (self._backoffs - 1))
+        self.transparent_limit = target
+        return self._change(target, reason)
+
+    def _confirm(self, term: Callable[[dict[str, float | None]], float], reading: float, limit: float) -> str | None:
+        """Why a window reading above ``limit`` is real: clearly above (``clear_factor`` x), or confirmed over
+        ``confirm_window`` iterations at this m; None: wait for more evidence (or for the reading to fall back)."""
+        cfg = self.config
+        if reading > cfg.clear_factor * limit:
             return "clear"
-        if len(self._recent) == cfg.confirm_window and (long := self._measure(self._recent)[0]) > cfg.epsilon:
+        if len(self._recent) == cfg.confirm_window and (long := term(self._measure(self._recent)[1])) > limit:
             return f"confirmed over {cfg.confirm_window} iterations: {long:.3f}"
         return None
 
+    def _confirm_latency(self, itl: float) -> str | None:
+        """``_confirm`` for the explicit latency target."""
+        cfg = self.config
+        assert cfg.latency_target is not None
+        if itl > cfg.clear_factor * cfg.latency_target:
+            return "clear"
+        if len(self._recent) == cfg.confirm_window and (long := self._mean_iteration(self._recent)) > cfg.latency_target:
+            return f"confirmed over {cfg.confirm_window} iterations: {long * 1e3:.1f} ms"
+        return None
+
+    def _latency_allows_growth(self, window: list[Entry]) -> bool:
+        """Grow only with room below the latency bound: overhead below ``grow_overhead``, or with an explicit target
+        iterations below ``grow_overhead / epsilon`` of it."""
+        cfg = self.config
+        if cfg.latency_target is not None:
+            return self._mean_iteration(window) < cfg.latency_target * cfg.grow_overhead / cfg.epsilon
+        return self.overhead < cfg.grow_overhead
+
+    @staticmethod
+    def _mean_iteration(entries: Iterable[Entry]) -> float:
+        """Mean iteration time: the inter-token latency of the running requests."""
+        times = [s.iteration_seconds for s, _, _ in entries]
+        return sum(times) / max(1, len(times))
+
+    @staticmethod
+    def _max_term(overheads: dict[str, float | None]) -> float:
+        return max(v for v in overheads.values() if v is not None)
+
     def _grow_target(self, window: list[Entry], ceiling: int) -> int:
         """m + 1, or the smallest m that holds ``grow_headroom`` times the window's peak KV demand when that demand
-        is beyond the current capacity (never at or above ``ceiling``, never beyond the host limit)."""
+        is beyond the current capacity (never at or above ``ceiling``, never beyond the host limit). Where the speed
+        at m is measured the grow is a probe and climbs at most to twice the capacity: copies grow with m, so the
+        speed has a peak below the m that holds everything, and a hill-climb in doublings finds it in few probes."""
+        g = self.geometry
         wanted = max(s.wanted for s, _, _ in window)
         target = self.m + 1
-        if wanted > self.geometry.capacity_blocks(self.m):
+        if wanted > g.capacity_blocks(self.m):
             need = self.required_layers_on_host(math.ceil(self.config.grow_headroom * wanted))
             target = max(target, self.max_layers_on_host if need is None else need)
+            if self.speeds.estimate(self.m, self._iteration) is not None:
+                double = self.required_layers_on_host(2 * g.capacity_blocks(self.m))
+                target = min(target, max(self.m + 1, self.max_layers_on_host if double is None else double))
         return min(target, self.max_layers_on_host, ceiling - 1)
 
     def required_layers_on_host(self, blocks: int) -> int | None:
@@ -158,7 +288,8 @@ class ExpansionController:
         """Adaptive mode: move up to ``m`` now, whatever the overhead: a request that fits nowhere else needs it
         (correctness before latency). No-op when already there or not adaptive. Returns the m to apply."""
         if self.mode == "adaptive" and m > self.m:
-            return self._change(m, reason)
+            self._change(m, reason)
+            self._probe = None  # needed, not tried: a probe's verdict could not undo it
         return self.m
 
     def _track_peak(self, wanted: int) -> None:
@@ -203,8 +334,12 @@ class ExpansionController:
             self.num_grows += 1
         else:
             self.num_shrinks += 1
+        # A grow is a probe when the speed it left is measured (nothing to compare with otherwise).
+        measured = m > self.m and self.speeds.estimate(self.m, self._iteration) is not None
+        self._probe = Probe(self.m, m, self._iteration) if measured else None
         self._previous_m, self.m = self.m, m
         self.last_decision = f"m -> {m}: {reason}"
+        self._paid = None
         self._reset_evidence()
         return m
 
@@ -212,6 +347,7 @@ class ExpansionController:
         """After a change of m or of the pool: the window restarts and a cooldown skips the transition."""
         self._recent.clear()
         self._idle.clear()
+        self.speeds.break_batch()
         self._cooldown = self.config.cooldown
 
     def reject(self, m: int) -> int:
@@ -220,7 +356,7 @@ class ExpansionController:
         previous = self._previous_m if self.m == m else self.m
         if m > previous:
             self.max_layers_on_host = min(self.max_layers_on_host, m - 1)
-        self.m = previous
+        self.m, self._probe = previous, None
         self.last_decision = f"m = {m} rejected by the engine"
         return self.m
 

@@ -21,6 +21,8 @@ class IterationSample:
     blocks_in_use: int = 0  # per layer: max used block id + 1 (in use or prefix-cached)
     blocks_wanted: int | None = None  # blocks_in_use plus what the waiting queue needs; None: blocks_in_use
     excess_seconds: float | None = None  # swapping's cost measured inside the step (pipeline.py); None: unknown
+    num_output_tokens: int = 0  # tokens sampled in the step (one per sequence that reached its end); 0: unknown
+    num_requests: int = 0  # requests in the system after the step (running + waiting): the speed's denominator
 
     @property
     def wanted(self) -> int:
@@ -30,7 +32,10 @@ class IterationSample:
 
 @dataclass(frozen=True)
 class ControllerConfig:
-    epsilon: float = 0.05  # shrink when the overhead exceeds this
+    epsilon: float = 0.05  # shrink when the overhead exceeds this (unless measured speed pays for it: probe.py)
+    # Explicit per-output-token latency target (seconds, mean iteration time of the running requests): replaces the
+    # epsilon rule for latency; stalls above epsilon still shrink (transparency).
+    latency_target: float | None = None
     # Grow only while the overhead is below this (the band up to epsilon: hold). 0.8 epsilon, not less: swapping
     # has a fixed cost at any m (hooks, copy threads), and a lower bar would forbid every m where all are < epsilon.
     grow_overhead: float = 0.04
@@ -60,6 +65,16 @@ class ControllerConfig:
     # bench workload (context grows every step): 1.25x out it read 9-13% where the truth was ~3%. A 5% epsilon needs
     # a reference better than 5%; beyond its range the in-step excess covers the rest.
     baseline_extrapolation: float = 1.0
+    # The objective (probe.py): speed measured in batches of this many iterations under demand; a grow is a probe,
+    # judged after ``probe_batches`` batches at the new m against the m it came from, with ``probe_z`` standard
+    # errors of confidence. Undone only if the speed it lost over ``payback_seconds`` exceeds what the shrink costs
+    # (the preempted sequences' recomputation).
+    speed_batch: int = 4
+    probe_batches: int = 4
+    probe_z: float = 2.0
+    speed_ttl: int = 1000  # iterations a speed measurement stays comparable (the load may have changed since)
+    payback_seconds: float = 60.0
+    max_ceiling_backoff: int = 8  # repeated back-offs lengthen the ceiling's ttl up to this factor
     peak_window: int = 2048  # iterations over which the peak KV demand is taken (recommendations)
     headroom: float = 1.1  # multiplier on the recommendations
 
@@ -71,6 +86,13 @@ class ControllerConfig:
                              f"{self.clear_factor}")
         if self.window < 1 or self.cooldown < 0 or self.idle_window < 1 or self.peak_window < 1:
             raise ValueError("window, idle_window and peak_window must be >= 1 and cooldown >= 0")
+        if self.latency_target is not None and not self.latency_target > 0:
+            raise ValueError(f"latency_target must be > 0 seconds, got {self.latency_target}")
+        if self.speed_batch < 1 or self.probe_batches < 2 or self.speed_ttl < 1 or self.max_ceiling_backoff < 1:
+            raise ValueError("need speed_batch >= 1, probe_batches >= 2, speed_ttl >= 1, max_ceiling_backoff >= 1")
+        if self.payback_seconds < 0 or self.probe_z < 0:
+            raise ValueError(f"need payback_seconds >= 0 and probe_z >= 0, got {self.payback_seconds}, "
+                             f"{self.probe_z}")
         if self.headroom < 1.0 or self.grow_headroom < 1.0:
             raise ValueError(f"headroom and grow_headroom must be >= 1, got {self.headroom}, {self.grow_headroom}")
 

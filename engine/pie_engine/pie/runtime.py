@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 def controller_config_from(config: EngineConfig) -> ControllerConfig:
     """The controller knobs from the engine config (raises ValueError on inconsistent values)."""
     return ControllerConfig(epsilon=config.expansion_epsilon, grow_overhead=config.expansion_grow_overhead,
+                            latency_target=config.expansion_latency_target,
                             window=config.expansion_window, cooldown=config.expansion_cooldown,
                             confirm_window=max(ControllerConfig.confirm_window, config.expansion_window))
 
@@ -59,9 +60,11 @@ class ExpansionRuntime(KVRuntime):
         self.config = config
         self.controller: ExpansionController | None = None
         if self.swap is not None:
-            self.controller = ExpansionController.from_setting(config.expansion, self.swap.geometry,
-                                                               self.swap.host_memory_limit,
-                                                               controller_config or controller_config_from(config))
+            swap_cache = self.swap
+            self.controller = ExpansionController.from_setting(
+                config.expansion, swap_cache.geometry, swap_cache.host_memory_limit,
+                controller_config or controller_config_from(config),
+                recompute_tokens=lambda m: scheduler.tokens_to_recompute(swap_cache.capacity_blocks(m)))
             self.apply(self.controller.m)
         # Blocks in use read at scrape time (off the engine thread: two list lengths, no mutation).
         self.metrics = SwapMetrics(kv, self.controller, device,
@@ -122,7 +125,9 @@ class ExpansionRuntime(KVRuntime):
             context_tokens=self.context_tokens(plan),
             num_waiting=sched.num_waiting, num_preempted=len(plan.preempted),
             blocks_in_use=used, blocks_wanted=used + waiting_blocks,
-            excess_seconds=self.swap.last_step_excess_seconds)
+            excess_seconds=self.swap.last_step_excess_seconds,
+            num_output_tokens=sum(1 for s in plan.scheduled if s.sample),
+            num_requests=sched.num_running + sched.num_waiting)
         m = self.controller.update(sample)
         return self.apply(m) if m != self.swap.layers_on_host else []
 
