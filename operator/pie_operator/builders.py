@@ -53,6 +53,9 @@ def engine_args(spec: PieDeploymentSpec, name: str, decision: MemoryDecision) ->
     if m.max_model_len is not None:
         args += ["--max-model-len", str(m.max_model_len)]
     args += [BUDGET_FLAG, decision.gpu_memory_budget, "--expansion", decision.expansion]
+    if decision.expansion_latency_target is not None:
+        # str(float): the shortest text that reads back as the same float ("0.05"); "%g" would drop digits
+        args += ["--expansion-latency-target", str(decision.expansion_latency_target)]
     if decision.host_memory_limit is not None:
         args += ["--host-memory-limit", str(decision.host_memory_limit)]
     args += ["--admin-token-file", ADMIN_TOKEN_FILE]

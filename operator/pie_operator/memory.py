@@ -23,6 +23,9 @@ class MemoryDecision:
     gpu_memory_budget: str  # --gpu-memory-budget: a fraction ("0.9") or bytes
     expansion: str  # --expansion: off | adaptive | <ratio>
     host_memory_limit: int | None  # --host-memory-limit in bytes (hostMemory.max); None: unlimited / not used
+    # --expansion-latency-target in seconds (expansion.latencyTarget, adaptive only); None: no flag, so the pods of
+    # specs without the field keep exactly their args and template hash (no rollout on operator upgrade).
+    expansion_latency_target: float | None
     memory_request: int | None = None  # the decided pod memory request; None: base + pool + headroom(pool)
 
     @property
@@ -50,6 +53,7 @@ def initial_decision(memory: MemorySpec) -> MemoryDecision:
         gpu_memory_budget=memory.gpu_memory_budget,
         expansion=expansion,
         host_memory_limit=None if mode == "off" or hm.max is None else parse_bytes(hm.max),
+        expansion_latency_target=memory.expansion.latency_target_seconds,
     )
 
 

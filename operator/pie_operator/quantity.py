@@ -1,11 +1,13 @@
 """The operator's view of quantities: byte quantities and GPU budgets come from the engine's parser
 (``pie_engine.quantity``, torch-free), so the spec, the CRD and the engine flags read a value the same way. Only
-int-or-percent values (rollout bounds, memory.headroom) are the operator's own."""
+int-or-percent values (rollout bounds, memory.headroom) and durations (memory.expansion.latencyTarget; the engine's
+flag takes plain seconds) are the operator's own."""
 
 from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 from pie_engine.quantity import (  # noqa: F401 -- re-exported: the operator imports quantities from here
     BUDGET_RE,
@@ -17,6 +19,24 @@ from pie_engine.quantity import (  # noqa: F401 -- re-exported: the operator imp
     parse_budget,
     parse_bytes,
 )
+
+# A duration as Kubernetes fields write one ("50ms", "0.2s"): a decimal number, then ms or s. The pattern itself
+# rejects zero (it needs a nonzero digit): a latency target of 0 could never be met. No exponent and no other unit:
+# a per-token latency is milliseconds to seconds. The CRD's pattern is this string (tests/unit/operator/test_crd.py).
+DURATION_RE = r"^([0-9]*[1-9][0-9]*(\.[0-9]*)?|[0-9]*\.[0-9]*[1-9][0-9]*)(ms|s)$"
+# The CRD's maxLength too: it keeps the value a finite float (a 400-digit number would be inf in seconds).
+DURATION_MAX_LENGTH = 32
+
+
+def parse_duration(value: str) -> float:
+    """Seconds of a positive duration: ``50ms`` -> 0.05, ``0.2s`` -> 0.2, ``1.5s`` -> 1.5. Raises ValueError with the
+    reason. The number is scaled exactly (Decimal), then rounded once to the nearest float, so ``4.1ms`` is 0.0041
+    and not 0.0040999999999999995 (the engine flag shows what the user wrote)."""
+    if not isinstance(value, str) or len(value) > DURATION_MAX_LENGTH or not re.fullmatch(DURATION_RE, value):
+        raise ValueError(f"not a positive duration: {value!r} (a decimal number followed by ms or s, e.g. 50ms or "
+                         f"0.2s, at most {DURATION_MAX_LENGTH} characters)")
+    number, millis = (value[:-2], True) if value.endswith("ms") else (value[:-1], False)
+    return float(Decimal(number).scaleb(-3) if millis else Decimal(number))
 
 
 def is_percent(value: str | int) -> bool:

@@ -16,6 +16,8 @@ from pydantic.alias_generators import to_camel
 
 from pie_operator.quantity import (  # noqa: F401 -- re-exported: callers import the helpers from here
     BUDGET_RE,
+    DURATION_MAX_LENGTH,
+    DURATION_RE,
     PERCENT_RE,
     QUANTITY_OR_PERCENT_RE,
     QUANTITY_RE,
@@ -23,6 +25,7 @@ from pie_operator.quantity import (  # noqa: F401 -- re-exported: callers import
     is_percent,
     parse_budget,
     parse_bytes,
+    parse_duration,
     resolve_int_or_percent,
 )
 
@@ -31,9 +34,12 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 # Flags the operator renders itself; extra args must not repeat them (the engine would see them twice).
 OWNED_FLAGS = ("model", "host", "port", "served-model-name", "dtype", "max-model-len", "gpu-memory-budget",
-               "expansion", "host-memory-limit", "admin-token-file")
+               "expansion", "expansion-latency-target", "host-memory-limit", "admin-token-file")
 OWNED_FLAGS_RE = r"^--(" + "|".join(OWNED_FLAGS) + r")(=.*)?$"
 GH200_PRODUCT = "NVIDIA-GH200-480GB"
+# The same words as the CRD's CEL rule (tests/unit/operator/test_crd.py), so kubectl and the operator agree.
+LATENCY_TARGET_MODE_MESSAGE = ("memory.expansion.latencyTarget is only allowed with memory.expansion.mode adaptive "
+                               "(static and off do not adapt the expansion to latency)")
 
 
 class _Model(BaseModel):
@@ -151,14 +157,31 @@ class HostMemory(_Model):
 class Expansion(_Model):
     mode: Literal["adaptive", "static", "off"] = "adaptive"
     ratio: float | None = Field(default=None, ge=1.0, le=64.0)
+    # Kept as written ("50ms"): the ConfigMap shows the user's value; builders render the seconds the engine takes.
+    latency_target: str | None = Field(default=None, max_length=DURATION_MAX_LENGTH)
+
+    @field_validator("latency_target")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
+        return v
 
     @model_validator(mode="after")
-    def _ratio_only_static(self) -> Expansion:
+    def _per_mode_fields(self) -> Expansion:
         if self.mode == "static" and self.ratio is None:
             raise ValueError("memory.expansion.ratio is required when memory.expansion.mode is static")
         if self.mode != "static" and self.ratio is not None:
             raise ValueError("memory.expansion.ratio is only allowed with memory.expansion.mode: static")
+        # Only the adaptive controller reads the target; with a fixed ratio (or none) it would be silently ignored.
+        if self.mode != "adaptive" and self.latency_target is not None:
+            raise ValueError(LATENCY_TARGET_MODE_MESSAGE)
         return self
+
+    @property
+    def latency_target_seconds(self) -> float | None:
+        """--expansion-latency-target: the latency target in seconds; None when unset."""
+        return None if self.latency_target is None else parse_duration(self.latency_target)
 
 
 class TuningSpec(_Model):

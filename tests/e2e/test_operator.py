@@ -92,6 +92,13 @@ INVALID = [
      "memory.expansion.ratio is only allowed with memory.expansion.mode static"),
     ({"memory": {"expansion": {"mode": "static"}}},
      "memory.expansion.ratio is required when memory.expansion.mode is static"),
+    ({"memory": {"expansion": {"mode": "static", "ratio": 2, "latencyTarget": "50ms"}}},
+     "memory.expansion.latencyTarget is only allowed with memory.expansion.mode adaptive"),
+    ({"memory": {"expansion": {"latencyTarget": "50"}}},  # a unit is required
+     "spec.memory.expansion.latencyTarget in body should match"),
+    ({"memory": {"expansion": {"latencyTarget": "0ms"}}}, "latencyTarget: Invalid value: \"0ms\""),
+    ({"engine": {"image": "x", "args": ["--expansion-latency-target", "0.05"]}},
+     "--expansion-latency-target, --host-memory-limit or --admin-token-file"),
     ({"rollout": {"maxSurge": 0, "maxUnavailable": 0}}, "must not both be 0"),
     ({"engine": {"image": "x", "args": ["--port=9000"]}}, "engine.args must not set --model, --host, --port"),
     ({"engine": {"image": "x", "resources": {"requests": {"memory": "1Gi"}}}},
@@ -112,6 +119,17 @@ def test_invalid_specs_are_rejected(k8s: Cluster, ns: str, spec_patch: dict[str,
         k8s.kubectl("delete", "-n", ns, "pied", "bad", check=False)
     assert cp.returncode != 0, f"accepted: {spec}"
     assert message in cp.stderr, cp.stderr
+
+
+def test_valid_latency_targets_are_accepted(k8s: Cluster, ns: str) -> None:
+    # The other side of the rows above: the pattern and the CEL rule let these through (mode adaptive, by default).
+    for expansion in ({"latencyTarget": "50ms"}, {"latencyTarget": "0.2s"}, {"latencyTarget": ".5s"},
+                      {"mode": "adaptive", "latencyTarget": "1s"}):
+        spec = {"model": {"path": "/models/tiny"}, "engine": {"image": "pie-engine:0.1.0"},
+                "memory": {"expansion": expansion}}
+        doc = {"apiVersion": "pie.io/v1alpha1", "kind": "PieDeployment", "metadata": {"name": "ok"}, "spec": spec}
+        cp = k8s.kubectl("create", "--dry-run=server", "-n", ns, "-f", "-", input=json.dumps(doc), check=False)
+        assert cp.returncode == 0, f"rejected: {expansion}: {cp.stderr}"
 
 
 def test_explain_teaches_the_api(k8s: Cluster) -> None:

@@ -85,9 +85,35 @@ def test_default_pod_template(path: str, expected: Any) -> None:
      ["--model", "/models/tiny", "--host", "0.0.0.0", "--port", "8000", "--served-model-name", NAME,
       "--dtype", "auto", "--gpu-memory-budget", "0.9", "--expansion", "off", "--admin-token-file",
       "/var/run/pie/admin/token"]),
+    # the latency target right after the --expansion it tunes, in seconds
+    ({"memory.expansion": {"latencyTarget": "50ms"}, "memory.hostMemory": {"max": "2Gi"}},
+     ["--model", "/models/tiny", "--host", "0.0.0.0", "--port", "8000", "--served-model-name", NAME,
+      "--dtype", "auto", "--gpu-memory-budget", "0.9", "--expansion", "adaptive", "--expansion-latency-target", "0.05",
+      "--host-memory-limit", str(2 * 2**30), "--admin-token-file", "/var/run/pie/admin/token"]),
 ])
 def test_engine_args(patch: dict[str, Any], expected: list[str]) -> None:
     assert container(render(spec_with(**patch)))["args"] == expected
+
+
+@pytest.mark.parametrize(("latency_target", "value"), [("0.2s", "0.2"), ("4.1ms", "0.0041"), ("2s", "2.0"),
+                                                       ("100ms", "0.1"), (None, None)])
+def test_latency_target_flag(latency_target: str | None, value: str | None) -> None:
+    expansion = {} if latency_target is None else {"latencyTarget": latency_target}
+    args = container(render(spec_with(**{"memory.expansion": expansion})))["args"]
+    assert flag(args, "--expansion-latency-target") == value
+    if value is not None:  # the engine reads the text as the float the operator meant
+        assert float(value) == decide(PieDeploymentSpec.model_validate(
+            spec_with(**{"memory.expansion": expansion})).memory).expansion_latency_target
+
+
+# Template hashes of pods that exist in clusters today: a new optional field must not change them (a changed hash is a
+# new revision, so an operator upgrade would roll every engine and drop its KV cache).
+@pytest.mark.parametrize(("patch", "revision"), [
+    ({}, "1ff6b610a9"),
+    ({"memory.hostMemory": {"min": "1Gi", "max": "2Gi"}}, "b0604771b8"),
+])
+def test_template_hash_of_existing_specs_is_stable(patch: dict[str, Any], revision: str) -> None:
+    assert builders.template_hash(render(spec_with(**patch))) == revision
 
 
 @pytest.mark.parametrize(("patch", "path", "expected"), [
@@ -141,6 +167,8 @@ def test_model_source_volumes(source: dict[str, Any], volume: Any, mount: Any) -
     ({"memory.tuning.cooldownSeconds": 5}, True),
     ({"rollout.gate.engineHealth": False}, True),
     ({"memory.hostMemory.max": "64Gi"}, False),  # a new --host-memory-limit flag
+    ({"memory.expansion.mode": "adaptive"}, True),  # the default, written out
+    ({"memory.expansion.latencyTarget": "50ms"}, False),  # a new --expansion-latency-target flag
     ({"gpu.count": 2}, False),
     ({"model.path": "/models/other"}, False),
 ])

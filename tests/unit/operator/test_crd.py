@@ -111,6 +111,7 @@ def prune_empty(value: Any) -> Any:
 @pytest.mark.parametrize("doc", [
     MINIMAL,
     spec_with(**{"memory.expansion": {"mode": "static", "ratio": 2.0}}),
+    spec_with(**{"memory.expansion": {"latencyTarget": "50ms"}}),
     spec_with(**{"gpu.tolerations": [{"key": "a"}], "memory.hostMemory": {"max": "8Gi"}}),
     spec_with(**{"model.source": {"pvc": {"claimName": "m"}}, "rollout": {"maxSurge": 1}}),
     spec_with(**{"memory.tuning": {"cooldownSeconds": 5, "gpuMemoryBudgetMin": "8Gi"},
@@ -154,6 +155,15 @@ def test_patterns_match_the_operator() -> None:
     assert SPEC["properties"]["rollout"]["properties"]["maxSurge"]["pattern"] == S.PERCENT_RE
     (rule,) = SPEC["properties"]["engine"]["properties"]["args"]["x-kubernetes-validations"]
     assert S.OWNED_FLAGS_RE in rule["rule"]
+    assert all(f"--{f}" in rule["message"] for f in S.OWNED_FLAGS), rule["message"]  # the message names every flag
+    target = mem["expansion"]["properties"]["latencyTarget"]
+    assert (target["pattern"], target["maxLength"]) == (S.DURATION_RE, S.DURATION_MAX_LENGTH)
+
+
+def test_latency_target_rule_says_what_the_operator_says() -> None:
+    rules = SPEC["properties"]["memory"]["properties"]["expansion"]["x-kubernetes-validations"]
+    (rule,) = [r for r in rules if "latencyTarget" in r["rule"]]
+    assert " ".join(rule["message"].split()) == S.LATENCY_TARGET_MODE_MESSAGE
 
 
 def test_every_byte_quantity_has_the_range_rule() -> None:

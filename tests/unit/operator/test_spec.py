@@ -10,7 +10,14 @@ import pytest
 from pydantic import ValidationError
 
 from pie_operator.memory import decide, headroom_bytes, pod_memory
-from pie_operator.spec import PieDeploymentSpec, RolloutSpec, format_bytes, parse_bytes
+from pie_operator.spec import (
+    LATENCY_TARGET_MODE_MESSAGE,
+    PieDeploymentSpec,
+    RolloutSpec,
+    format_bytes,
+    parse_bytes,
+    parse_duration,
+)
 
 MINIMAL: dict[str, Any] = {"model": {"path": "/models/tiny"}, "engine": {"image": "pie-engine:0.1.0"}}
 
@@ -67,6 +74,14 @@ def test_defaults(path: str, expected: Any) -> None:
     ({"memory.expansion.ratio": 2.0}, "only allowed with memory.expansion.mode: static"),
     ({"memory.expansion.mode": "static"}, "required when memory.expansion.mode is static"),
     ({"memory.expansion.mode": "static", "memory.expansion.ratio": 0.5}, "greater than or equal to 1"),
+    ({"memory.expansion": {"mode": "static", "ratio": 2, "latencyTarget": "50ms"}}, LATENCY_TARGET_MODE_MESSAGE),
+    ({"memory.expansion": {"mode": "off", "latencyTarget": "50ms"}}, LATENCY_TARGET_MODE_MESSAGE),
+    ({"memory.expansion.latencyTarget": "50"}, "not a positive duration: '50'"),
+    ({"memory.expansion.latencyTarget": "0ms"}, "not a positive duration"),
+    ({"memory.expansion.latencyTarget": "1m"}, "not a positive duration"),
+    ({"memory.expansion.latencyTarget": 0.05}, "should be a valid string"),
+    ({"memory.expansion.latencyTarget": "1" * 32 + "s"}, "at most 32 characters"),
+    ({"engine.args": ["--expansion-latency-target=0.05"]}, "must not set --expansion-latency-target"),
     ({"memory.gpuMemoryBudget": "1.5"}, "must be in (0, 1]"),
     ({"memory.gpuMemoryBudget": "0.0"}, "must be in (0, 1]"),
     ({"memory.gpuMemoryBudget": "512m"}, "less than one byte"),
@@ -110,6 +125,23 @@ def test_parse_bytes(value: str | int, expected: int) -> None:
 def test_parse_bytes_rejects(value: Any) -> None:
     with pytest.raises(ValueError):
         parse_bytes(value)
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("50ms", 0.05), ("0.2s", 0.2), ("1s", 1.0), ("1.5s", 1.5), (".5s", 0.5), ("1.s", 1.0), ("100ms", 0.1),
+    ("0.5ms", 0.0005), ("4.1ms", 0.0041), ("33.3ms", 0.0333), ("007ms", 0.007), ("0.001s", 0.001),
+    ("9" * 31 + "s", 1e31),
+])
+def test_parse_duration(value: str, seconds: float) -> None:
+    assert parse_duration(value) == seconds  # exact: "4.1ms" is the float nearest 0.0041, not 4.1 / 1000
+
+
+@pytest.mark.parametrize("value", ["", "0s", "0ms", "0.0s", ".0ms", "00.000s", "-1s", "+1s", "50", "5 ms", "1m",
+                                   "1h", "1us", "1e3ms", "ms", ".s", "1.5.2s", "50MS", "50ms\n", "1" * 32 + "s",
+                                   0.05, None])
+def test_parse_duration_rejects(value: Any) -> None:
+    with pytest.raises(ValueError, match="not a positive duration"):
+        parse_duration(value)
 
 
 @pytest.mark.parametrize(("n", "expected"), [
@@ -160,6 +192,15 @@ def test_memory_decision(memory: dict[str, Any], args: tuple[str, str, int | Non
     assert parse_bytes(req) == mem_request
     assert (None if lim is None else parse_bytes(lim)) == limit
     assert d.expansion_ratio == ratio
+
+
+@pytest.mark.parametrize(("expansion", "seconds"), [
+    ({}, None), ({"mode": "adaptive"}, None), ({"latencyTarget": "50ms"}, 0.05),
+    ({"mode": "adaptive", "latencyTarget": "0.2s"}, 0.2),
+])
+def test_memory_decision_latency_target(expansion: dict[str, Any], seconds: float | None) -> None:
+    spec = PieDeploymentSpec.model_validate(spec_with(**{"memory.expansion": expansion}))
+    assert decide(spec.memory).expansion_latency_target == seconds
 
 
 def test_default_memory_request_is_readable() -> None:
