@@ -49,12 +49,18 @@ def setup_threads() -> int:
 
 def pie_model() -> Path:
     """The Pie benchmark checkpoint, built once in the cache outside the checkout ($PIE_CACHE/bench-models)."""
+    return llama_checkpoint(PIE_MODEL_KW)
+
+
+def llama_checkpoint(kw: dict[str, int]) -> Path:
+    """A random-weight llama with the ``make_test_model`` arguments ``kw``, built once in $PIE_CACHE/bench-models
+    (named by its arguments, so a changed shape never reuses a stale checkpoint)."""
     from pie_engine.models.test_model import make_test_model
 
-    tag = "-".join(f"{k}{v}" for k, v in PIE_MODEL_KW.items())
+    tag = "-".join(f"{k}{v}" for k, v in kw.items())
     out = Path(os.environ.get("PIE_CACHE", Path.home() / ".cache" / "pie")) / "bench-models" / f"llama-{tag}"
     if not (out / "config.json").is_file():
-        make_test_model("llama", out, seed=0, **PIE_MODEL_KW)
+        make_test_model("llama", out, seed=0, **kw)
     return out
 
 

@@ -1,5 +1,6 @@
-"""Run every benchmark (offline throughput, online serving, Pie: swap sweep, adaptive, link model) and write
-bench/results/summary.json. The Pie benchmarks run last: they pin torch to one compute thread (bench/pie_common.py).
+"""Run every benchmark (offline throughput, online serving, Pie: swap sweep, adaptive, link model, served
+expansion) and write bench/results/summary.json. The Pie benchmarks run last: they pin torch to one compute thread
+(bench/pie_common.py). Served expansion takes the longest (a fresh server per run, two models): about two hours here.
 
     PYTHONPATH=engine:. python bench/run_all.py [--quick]
 """
@@ -10,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench import adaptive, link_model, offline_throughput, online_serving, swap_sweep
+from bench import adaptive, link_model, offline_throughput, online_serving, served_expansion, swap_sweep
 from bench.common import RESULTS, save
 
 
@@ -54,6 +55,13 @@ def summarize(results: Path, suffix: str = "") -> dict[str, object]:
                                                    "latency_overhead")} for k in ("adaptive", "adaptive_relaxed")},
         "pie_link_max_m_stall_below_5pct": {k: v["max_m_stall_below_5pct"] for k, v in links["systems"].items()},
     }
+    # Optional, so a summary of results from before this benchmark existed can still be rebuilt.
+    served_path = results / f"served_expansion{suffix}.json"
+    if served_path.is_file():
+        served = json.loads(served_path.read_text())
+        summary["pie_served_expansion_wall"] = {
+            m: {**{wl: w["ratios"] for wl, w in e["workloads"].items()},
+                "goals": {g: v["pass"] for g, v in e["goals"].items()}} for m, e in served["models"].items()}
     path = save("summary" + suffix, summary)
     (path.parent / f"summary{suffix}.md").write_text(render_markdown(summary))
     return summary
@@ -71,6 +79,7 @@ def main() -> None:
         save("swap_sweep" + suffix, swap_sweep.run(quick=args.quick))
         save("adaptive" + suffix, adaptive.run(quick=args.quick))  # reads the sweep just saved
         save("link_model" + suffix, link_model.run(quick=args.quick))
+        served_expansion.run(quick=args.quick)  # saves its own JSON + PNG
     print(json.dumps(summarize(RESULTS, suffix), indent=2))
     print(f"results in {RESULTS}")
 

@@ -104,7 +104,13 @@ def serve(**options: Any) -> None:
     if not (Path(options["model"]) / "config.json").is_file():
         _fail(f"--model {options['model']}: no config.json there (expected an HF-format model directory)")
     config = build_config(options)
-    admin_token = _admin_token(admin_token_file)
+    run_server(config, host, port, log_level, _admin_token(admin_token_file))
+
+
+def run_server(config: EngineConfig, host: str, port: int, log_level: str = "info",
+               admin_token: str | None = None) -> None:
+    """Load the engine for ``config`` and serve it until SIGTERM/SIGINT: what `serve` runs once its flags are
+    parsed (bench/serve_config.py runs it with fields that are not flags)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
