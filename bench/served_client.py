@@ -31,7 +31,7 @@ from bench.common import ROOT, Request, percentiles
 STATE_KEYS = ("mode", "layers_on_host", "target_layers_on_host", "expansion_ratio", "target_expansion_ratio",
               "num_device_blocks", "blocks_per_layer", "num_grows", "num_shrinks", "last_decision", "overhead",
               "overheads", "stall_fraction", "ceiling", "swap_stall_seconds_total", "swap_in_bytes_total",
-              "swap_out_bytes_total", "device_kv_budget_bytes")
+              "swap_out_bytes_total", "device_kv_budget_bytes", "recent_changes")
 POLL_S = 0.5
 
 

@@ -77,11 +77,14 @@ class ExpansionController:
         self.overheads: dict[str, float | None] = {"stall": 0.0, "excess": None, "baseline": None}
         self.num_grows = self.num_shrinks = 0
         self.speeds = SpeedTable(cfg.speed_batch, cfg.speed_ttl)
+        # The last 16 changes (iteration, new m, why), for GET /v1/pie/expansion. NOTE: a tuple replaced whole, so a
+        # scrape on another thread never iterates a container being changed.
+        self.changes: tuple[tuple[int, int, str], ...] = ()
         # Tokens that moving to a given m would preempt and recompute (the runtime asks the scheduler).
         self.recompute_tokens: Callable[[int], int] = recompute_tokens or (lambda m: 0)
         self._probe: Probe | None = None
-        self._paid: str | None = None  # why an overhead above epsilon is being kept (measured speed), if it is
         self._backoffs = 0  # back-offs since the last kept probe: lengthens the ceiling's ttl
+        self._hold_reason = "hold"  # what last_decision says when an update changes nothing
         self.last_decision = "start"
         self.m = self._target_static() if mode == "static" else 0
         self._previous_m = 0  # the m before the last change (what reject() returns to)
@@ -116,13 +119,16 @@ class ExpansionController:
         if self.m == 0:
             self.baseline.add(s.iteration_seconds, s.num_tokens, s.context_tokens)
         self._recent.append((s, self._reference(s), demand))
-        self.speeds.add(self.m, self._iteration, s.num_output_tokens, s.iteration_seconds, s.num_requests, demand)
+        self.speeds.add(self.m, self._iteration, s.num_output_tokens, s.iteration_seconds, s.num_requests)
+        if self._probe is not None and (verdict := self._probe_stalls()) is not None:
+            return verdict
         if len(self._recent) < cfg.window:
             return self.m
         window = list(self._recent)[-cfg.window:]
         self.overhead, self.overheads, self.stall_fraction = self._measure(window)
         if self._ceiling is not None and self._iteration >= self._ceiling[1]:
             self._ceiling = None  # load may have changed: allow probing again
+        self._hold_reason = "hold"
         if self.m > 0 and (verdict := self._guard()) is not None:
             return verdict
         if self._probe is not None and (verdict := self._judge_probe(window)) is not None:
@@ -142,10 +148,8 @@ class ExpansionController:
             # NOTE: every block in use lies below idle_fraction * C(m - 1): this shrink preempts nothing.
             if max(w for w, _ in self._idle) < cfg.idle_fraction * smaller:
                 return self._change(self.m - 1, "idle: the KV fits with fewer layers on host")
-        if demand_share < cfg.demand_fraction:
-            self._paid = None  # a verdict on speed holds only while there is demand to measure it by
         if self._probe is None:
-            self.last_decision = "hold" if self._paid is None else f"hold: {self._paid}"
+            self.last_decision = self._hold_reason
         return self.m
 
     # ------------------------------------------------------------------------------------ guards and probes
@@ -164,37 +168,70 @@ class ExpansionController:
                                       f"({why})")
             return None
         if self.overhead > cfg.epsilon and (why := self._confirm(self._max_term, self.overhead, cfg.epsilon)):
-            if (paid := self._speed_pays()) is not None:
-                self._paid = paid
+            if (need := self._capacity_need()) is not None:
+                self._hold_reason = f"hold: overhead {self.overhead:.3f} buys KV capacity ({need}); speed decides"
                 return None
             terms = ", ".join(f"{k} {v:.3f}" for k, v in self.overheads.items() if v is not None)
-            return self._back_off(f"overhead {self.overhead:.3f} > epsilon {cfg.epsilon} ({terms}; {why})")
+            return self._back_off(f"overhead {self.overhead:.3f} > epsilon {cfg.epsilon} ({terms}; {why}; "
+                                  f"{self._speed_summary()})")
         return None
 
-    def _speed_pays(self) -> str | None:
-        """Why an overhead above epsilon is worth keeping: the speed users see at this m beats the best measured
-        smaller m by more than epsilon (per-output-token latency, queueing included, is better here than where the
-        per-iteration overhead would be lower). None without that evidence."""
+    def _probe_stalls(self) -> int | None:
+        """A probe whose first ``probe_stall_iterations`` iterations all stall beyond twice the clear level is
+        undone at once: with copies that cannot hide (a slow link) every iteration of a probe costs a multiple of
+        one without it, and a full window of such evidence would cost more than the probe could ever win."""
         cfg = self.config
-        here = self.speeds.estimate(self.m, self._iteration)
-        below = self.speeds.best_below(self.m, self._iteration)
-        if here is None or below is None or not better(here, below[1], cfg.epsilon, cfg.probe_z):
+        last = list(self._recent)[-cfg.probe_stall_iterations:]
+        if len(last) < cfg.probe_stall_iterations:
             return None
-        return f"overhead {self.overhead:.3f} paid by speed {here.mean / below[1].mean:.2f}x that of m = {below[0]}"
+        limit = 2 * cfg.clear_factor * cfg.epsilon
+        if all(s.stall_seconds > limit * max(s.iteration_seconds - s.stall_seconds, 1e-12) for s, _, _ in last):
+            stall = sum(s.stall_seconds for s, _, _ in last) / sum(s.iteration_seconds for s, _, _ in last)
+            # No smaller probe either for a while: copies that slow stall at any m the controller would try next,
+            # and each probe costs a few iterations at a multiple of their time plus the preempted recomputation.
+            return self._back_off(f"probe stalls: {stall:.2f} of its first {len(last)} iterations", whole=True)
+        return None
+
+    def _capacity_need(self) -> str | None:
+        """Why an overhead above epsilon is not shed by itself: the KV wanted over the window does not fit at
+        m - 1 (a shrink would preempt and queue requests), and the speed at this m is measured, so probes judge it
+        by what users get. NOTE: the overhead reading compares iterations at the same batch; the batch is what
+        expansion buys. Measured through the server on this CPU, m = 4-6 cost 5-12% per iteration at the same batch
+        and gave 1.3-1.4x the throughput of m = 0 when KV bound (bench/results/summary.md). None: shed it."""
+        window = list(self._recent)[-self.config.window:]
+        wanted = max(s.wanted for s, _, _ in window)
+        smaller = self.geometry.capacity_blocks(self.m - 1)
+        if wanted <= smaller or self.speeds.estimate(self.m, self._iteration) is None:
+            return None
+        return f"{wanted} blocks wanted > {smaller} at m = {self.m - 1}"
+
+    def _speed_summary(self) -> str:
+        """The speeds behind a decision, for its log line."""
+        load = self._load()
+        here = self.speeds.estimate(self.m, self._iteration, load)
+        below = self.speeds.best_below(self.m, self._iteration, load)
+        text = "speed here " + ("unmeasured" if here is None else f"{here.mean:.3g} ({here.n} batches)")
+        return text + ("" if below is None else f", at m = {below[0]} {below[1].mean:.3g} ({below[1].n} batches)")
+
+    def _load(self) -> float | None:
+        """Mean requests in the system over the window (None when not reported): what speeds are compared at."""
+        reported = [s.num_requests for s, _, _ in list(self._recent)[-self.config.window:] if s.num_requests > 0]
+        return sum(reported) / len(reported) if reported else None
 
     def _judge_probe(self, window: list[Entry]) -> int | None:
         """After a grow: once ``probe_batches`` batches are measured at the new m, undo it if the m it came from was
         faster by more than epsilon (with confidence) and going back pays for its recomputation. None: keep."""
         cfg, probe = self.config, self._probe
         assert probe is not None
-        here = self.speeds.estimate(self.m, self._iteration, since=probe.started)
+        load = self._load()
+        here = self.speeds.estimate(self.m, self._iteration, load, since=probe.started)
         if here is None or here.n < cfg.probe_batches:
             if self._iteration - probe.started > cfg.cooldown + 4 * cfg.probe_batches * cfg.speed_batch:
                 self._probe = None  # the demand to measure it by is gone: nothing says it is worse
                 self.last_decision = f"probe of m = {self.m} kept: no demand to measure it by"
             return None
         self._probe = None
-        origin = self.speeds.estimate(probe.origin, self._iteration)
+        origin = self.speeds.estimate(probe.origin, self._iteration, load)
         if origin is None or not better(origin, here, cfg.epsilon, cfg.probe_z):
             self._backoffs = 0
             ratio = "" if origin is None else f": speed {here.mean / origin.mean:.2f}x that of m = {probe.origin}"
@@ -207,14 +244,16 @@ class ExpansionController:
             return None
         return self._back_off(f"probe: speed {here.mean / origin.mean:.2f}x that of m = {probe.origin}", probe)
 
-    def _back_off(self, reason: str, probe: Probe | None = None) -> int:
+    def _back_off(self, reason: str, probe: Probe | None = None, whole: bool = False) -> int:
         """Shrink: to where a probe came from (a jump that went wrong), else by one layer. The m left stays
-        forbidden (from the probe's midpoint up: a jump halves its range next time) for ``ceiling_ttl``, doubled
+        forbidden (above the probe's midpoint: a jump halves its range next time; ``whole``: all of the probe's
+        range) for ``ceiling_ttl``, doubled
         with every back-off since the last kept probe up to ``max_ceiling_backoff`` times."""
         cfg = self.config
         probe = probe or self._probe
         if probe is not None and probe.target == self.m:
-            target, forbidden = probe.origin, max(probe.origin + 1, (probe.origin + self.m + 1) // 2)
+            target = probe.origin
+            forbidden = probe.origin + 1 if whole else max(probe.origin + 1, (probe.origin + self.m) // 2 + 1)
         else:
             target, forbidden = self.m - 1, self.m
         self._backoffs = min(self._backoffs + 1, cfg.max_ceiling_backoff)
@@ -271,7 +310,7 @@ class ExpansionController:
         if wanted > g.capacity_blocks(self.m):
             need = self.required_layers_on_host(math.ceil(self.config.grow_headroom * wanted))
             target = max(target, self.max_layers_on_host if need is None else need)
-            if self.speeds.estimate(self.m, self._iteration) is not None:
+            if self.speeds.estimate(self.m, self._iteration, self._load()) is not None:
                 double = self.required_layers_on_host(2 * g.capacity_blocks(self.m))
                 target = min(target, max(self.m + 1, self.max_layers_on_host if double is None else double))
         return min(target, self.max_layers_on_host, ceiling - 1)
@@ -335,11 +374,11 @@ class ExpansionController:
         else:
             self.num_shrinks += 1
         # A grow is a probe when the speed it left is measured (nothing to compare with otherwise).
-        measured = m > self.m and self.speeds.estimate(self.m, self._iteration) is not None
+        measured = m > self.m and self.speeds.estimate(self.m, self._iteration, self._load()) is not None
         self._probe = Probe(self.m, m, self._iteration) if measured else None
         self._previous_m, self.m = self.m, m
         self.last_decision = f"m -> {m}: {reason}"
-        self._paid = None
+        self.changes = (*self.changes[-15:], (self._iteration, m, reason))
         self._reset_evidence()
         return m
 
@@ -404,7 +443,8 @@ class ExpansionController:
             "blocks_per_layer": g.capacity_blocks(self.m), "overhead": self.overhead,
             "stall_fraction": self.stall_fraction, "overheads": dict(self.overheads), "epsilon": cfg.epsilon,
             "grow_overhead": cfg.grow_overhead,
-            "last_decision": self.last_decision, "ceiling": None if self._ceiling is None else self._ceiling[0],
+            "last_decision": self.last_decision, "recent_changes": [list(c) for c in self.changes],
+            "ceiling": None if self._ceiling is None else self._ceiling[0],
             "transparent_limit": self.transparent_limit, "num_grows": self.num_grows,
             "num_shrinks": self.num_shrinks, "baseline_samples": self.baseline.num_samples,
             "baseline_error": self.baseline.error(),

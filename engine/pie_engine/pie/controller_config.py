@@ -72,6 +72,7 @@ class ControllerConfig:
     speed_batch: int = 4
     probe_batches: int = 4
     probe_z: float = 2.0
+    probe_stall_iterations: int = 2  # a probe stalling beyond 2 clear_factor epsilon this long is undone at once
     speed_ttl: int = 1000  # iterations a speed measurement stays comparable (the load may have changed since)
     payback_seconds: float = 60.0
     max_ceiling_backoff: int = 8  # repeated back-offs lengthen the ceiling's ttl up to this factor
@@ -88,8 +89,9 @@ class ControllerConfig:
             raise ValueError("window, idle_window and peak_window must be >= 1 and cooldown >= 0")
         if self.latency_target is not None and not self.latency_target > 0:
             raise ValueError(f"latency_target must be > 0 seconds, got {self.latency_target}")
-        if self.speed_batch < 1 or self.probe_batches < 2 or self.speed_ttl < 1 or self.max_ceiling_backoff < 1:
-            raise ValueError("need speed_batch >= 1, probe_batches >= 2, speed_ttl >= 1, max_ceiling_backoff >= 1")
+        if self.speed_batch < 1 or self.probe_batches < 2 or self.probe_stall_iterations < 1 or self.speed_ttl < 1 or self.max_ceiling_backoff < 1:
+            raise ValueError("need speed_batch >= 1, probe_batches >= 2, probe_stall_iterations >= 1, speed_ttl >= 1, "
+                             "max_ceiling_backoff >= 1")
         if self.payback_seconds < 0 or self.probe_z < 0:
             raise ValueError(f"need payback_seconds >= 0 and probe_z >= 0, got {self.payback_seconds}, "
                              f"{self.probe_z}")

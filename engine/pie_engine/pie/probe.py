@@ -4,9 +4,9 @@ a change pays for itself.
 Speed is output tokens per second per request in the system (running + waiting): by Little's law the inverse of
 the per-output-token latency a user sees end to end, queueing and recomputation included. Under a closed loop (a
 fixed number of clients) it is throughput over a constant; under open-loop arrivals it also rewards the shorter
-queue. It is measured, never extrapolated: in batches of consecutive iterations at one m while there is demand for
-KV (without demand m does not limit anything and the reading says nothing about m), and compared between
-neighbouring m with a confidence bound from the batches' own spread.
+queue. It is measured, never extrapolated: in batches of consecutive iterations at one m, and compared between
+neighbouring m only at a like load (mean requests in the system within ``LOAD_MATCH`` of each other: fewer requests
+batch less, and a light-load reading would flatter any m), with a confidence bound from the batches' own spread.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+
+LOAD_MATCH = 1.25  # batches measured at a mean load within this factor of each other are comparable
 
 
 @dataclass(frozen=True)
@@ -32,22 +34,24 @@ def better(a: Estimate, b: Estimate, margin: float, z: float) -> bool:
 
 
 class SpeedTable:
-    """Speed batches per m: each batch is ``batch`` consecutive iterations under demand at one m. Batches older than
-    ``ttl`` iterations are forgotten (the load they were measured at may be gone); at most ``keep`` per m."""
+    """Speed batches per m: each batch is ``batch`` consecutive iterations at one m with requests in the system.
+    Batches older than ``ttl`` iterations are forgotten (the load they were measured at may be gone); at most
+    ``keep`` per m."""
 
     def __init__(self, batch: int, ttl: int, keep: int = 32) -> None:
         if batch < 1 or ttl < 1:
             raise ValueError(f"batch and ttl must be >= 1, got {batch}, {ttl}")
         self.batch, self.ttl, self.keep = batch, ttl, keep
-        self._batches: dict[int, deque[tuple[int, float]]] = {}  # m -> (iteration, speed), oldest first
+        # m -> (iteration, speed, mean requests), oldest first
+        self._batches: dict[int, deque[tuple[int, float, float]]] = {}
         self._open: list[tuple[float, float, int]] = []  # the batch being filled: (output tokens, seconds, requests)
         self._open_m: int | None = None
 
-    def add(self, m: int, iteration: int, output_tokens: int, seconds: float, requests: int, demand: bool) -> None:
-        """One iteration at ``m``. An iteration without demand, or at another m, closes nothing and drops the
-        partial batch: a batch is always consecutive iterations under the same conditions."""
-        if not demand or requests <= 0 or m != self._open_m:
-            self._open, self._open_m = [], (m if demand and requests > 0 else None)
+    def add(self, m: int, iteration: int, output_tokens: int, seconds: float, requests: int) -> None:
+        """One iteration at ``m``. An iteration without requests, or at another m, drops the partial batch: a batch
+        is always consecutive iterations under the same conditions."""
+        if requests <= 0 or m != self._open_m:
+            self._open, self._open_m = [], (m if requests > 0 else None)
             if self._open_m is None:
                 return
         self._open.append((output_tokens, seconds, requests))
@@ -55,28 +59,29 @@ class SpeedTable:
             return
         tokens = sum(t for t, _, _ in self._open)
         secs = sum(s for _, s, _ in self._open)
-        mean_requests = sum(r for _, _, r in self._open) / len(self._open)
+        load = sum(r for _, _, r in self._open) / len(self._open)
         self._open = []
         if secs > 0:
-            q = self._batches.setdefault(m, deque(maxlen=self.keep))
-            q.append((iteration, tokens / secs / mean_requests))
+            self._batches.setdefault(m, deque(maxlen=self.keep)).append((iteration, tokens / secs / load, load))
 
     def break_batch(self) -> None:
         """Drop the partial batch (m or the pool changed under it)."""
         self._open, self._open_m = [], None
 
-    def estimate(self, m: int, now: int, since: int = 0) -> Estimate | None:
-        """Speed at ``m`` from batches closed after ``since`` and within ``ttl`` of ``now``; None below 2 batches."""
-        values = [v for it, v in self._batches.get(m, ()) if it > since and it > now - self.ttl]
+    def estimate(self, m: int, now: int, load: float | None = None, since: int = 0) -> Estimate | None:
+        """Speed at ``m`` from batches closed after ``since``, within ``ttl`` of ``now`` and (given ``load``) measured
+        at a load within ``LOAD_MATCH`` of it; None below 2 batches."""
+        values = [v for it, v, r in self._batches.get(m, ()) if it > since and it > now - self.ttl
+                  and (load is None or 1 / LOAD_MATCH <= r / load <= LOAD_MATCH)]
         if len(values) < 2:
             return None
         mean = sum(values) / len(values)
         var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
         return Estimate(mean, math.sqrt(var / len(values)), len(values))
 
-    def best_below(self, m: int, now: int) -> tuple[int, Estimate] | None:
-        """The measured m' < m with the highest speed, if any."""
-        found = [(k, e) for k in self._batches if k < m and (e := self.estimate(k, now)) is not None]
+    def best_below(self, m: int, now: int, load: float | None = None) -> tuple[int, Estimate] | None:
+        """The measured m' < m with the highest speed (at ``load``), if any."""
+        found = [(k, e) for k in self._batches if k < m and (e := self.estimate(k, now, load)) is not None]
         return max(found, key=lambda ke: ke[1].mean, default=None)
 
 
