@@ -168,7 +168,7 @@ class ExpansionController:
                                       f"({why})")
             return None
         if self.overhead > cfg.epsilon and (why := self._confirm(self._max_term, self.overhead, cfg.epsilon)):
-            if (need := self._capacity_need()) is not None:
+            if self.overhead <= cfg.gross_factor * cfg.epsilon and (need := self._capacity_need()) is not None:
                 self._hold_reason = f"hold: overhead {self.overhead:.3f} buys KV capacity ({need}); speed decides"
                 return None
             terms = ", ".join(f"{k} {v:.3f}" for k, v in self.overheads.items() if v is not None)
@@ -197,12 +197,20 @@ class ExpansionController:
         m - 1 (a shrink would preempt and queue requests), and the speed at this m is measured, so probes judge it
         by what users get. NOTE: the overhead reading compares iterations at the same batch; the batch is what
         expansion buys. Measured through the server on this CPU, m = 4-6 cost 5-12% per iteration at the same batch
-        and gave 1.3-1.4x the throughput of m = 0 when KV bound (bench/results/summary.md). None: shed it."""
-        window = list(self._recent)[-self.config.window:]
+        and gave 1.3-1.4x the throughput of m = 0 when KV bound (bench/results/summary.md). Not where a smaller m
+        was measurably faster at this load, nor above ``gross_factor`` x epsilon. None: shed it."""
+        cfg = self.config
+        window = list(self._recent)[-cfg.window:]
         wanted = max(s.wanted for s, _, _ in window)
         smaller = self.geometry.capacity_blocks(self.m - 1)
-        if wanted <= smaller or self.speeds.estimate(self.m, self._iteration) is None:
+        here = self.speeds.estimate(self.m, self._iteration)
+        if wanted <= smaller or here is None:
             return None
+        load = self._load()
+        below = self.speeds.best_below(self.m, self._iteration, load)
+        here_now = self.speeds.estimate(self.m, self._iteration, load)
+        if below is not None and here_now is not None and better(below[1], here_now, cfg.epsilon, cfg.probe_z):
+            return None  # a smaller m was measurably faster at this load: the capacity is not worth its overhead
         return f"{wanted} blocks wanted > {smaller} at m = {self.m - 1}"
 
     def _speed_summary(self) -> str:

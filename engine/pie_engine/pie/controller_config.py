@@ -47,6 +47,8 @@ class ControllerConfig:
     # its expansion). 64 iterations have a quarter of that noise; a clear overhead does not wait.
     confirm_window: int = 64
     clear_factor: float = 2.0
+    # Overhead that buys KV capacity the load needs is left to the speed to judge (probes), up to this times epsilon.
+    gross_factor: float = 4.0
     cooldown: int = 4  # iterations ignored after a change (pipeline refill, migration)
     demand_fraction: float = 0.5  # share of the window's iterations that must show demand to grow
     # A grow goes at once to the smallest m whose capacity holds this times the KV wanted in the window (when that
@@ -82,9 +84,9 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.grow_overhead < self.epsilon:
             raise ValueError(f"need 0 <= grow_overhead < epsilon, got {self.grow_overhead}, {self.epsilon}")
-        if self.confirm_window < self.window or self.clear_factor < 1.0:
-            raise ValueError(f"need confirm_window >= window and clear_factor >= 1, got {self.confirm_window}, "
-                             f"{self.clear_factor}")
+        if self.confirm_window < self.window or self.clear_factor < 1.0 or self.gross_factor < 1.0:
+            raise ValueError(f"need confirm_window >= window and clear_factor, gross_factor >= 1, got "
+                             f"{self.confirm_window}, {self.clear_factor}, {self.gross_factor}")
         if self.window < 1 or self.cooldown < 0 or self.idle_window < 1 or self.peak_window < 1:
             raise ValueError("window, idle_window and peak_window must be >= 1 and cooldown >= 0")
         if self.latency_target is not None and not self.latency_target > 0:
