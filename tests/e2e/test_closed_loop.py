@@ -39,13 +39,11 @@ def deployment(name: str, replicas: int, **spec: Any) -> dict[str, Any]:
         "spec": {
             "replicas": replicas, "model": {"path": "/models/tiny"},
             "engine": {"image": "pie-engine:v1", "port": PORT},
-            # A small device budget (16 KV blocks per layer) so a few concurrent requests spill KV into host memory
-            # (up to 3 of the 4 layers' KV live on the host: ratio 4, a few MiB of host KV). NOTE: a
-            # fixed ratio, because on a CPU-only machine adaptive expansion rightly backs off (the swap copies compete
-            # with compute for the same cores): what the operator reads -- pie_host_kv_used_bytes following the
-            # load -- is the same.
+            # A small device budget (16 KV blocks per layer) so a few concurrent requests need KV in host memory:
+            # adaptive expansion with its default thresholds grows under the load (a few MiB of host KV) and the
+            # operator follows what the engine measures (pie_host_kv_used_bytes, the recommendations).
             "memory": {"gpuMemoryBudget": "1Mi", "base": "4Mi", "headroom": "0",
-                       "hostMemory": {"min": "0", "max": "256Mi"}, "expansion": {"mode": "static", "ratio": 4.0},
+                       "hostMemory": {"min": "0", "max": "256Mi"}, "expansion": {"mode": "adaptive"},
                        "tuning": {"windowSeconds": 8, "minSamples": 3, "cooldownSeconds": 6,
                                   "changeThresholdPercent": 10}},
             "rollout": {"stepTimeoutSeconds": 30},
@@ -193,7 +191,8 @@ def test_memory_grows_with_the_load_in_place(k8s: Cluster, ns: str,
     header, row = k8s.kubectl("get", "-n", ns, "pied", LOOP).stdout.splitlines()
     assert header.split()[:6] == ["NAME", "READY", "EXPANSION", "HOST-MEM", "GPU-BUDGET", "STATUS"]
     cols = row.split()
-    assert (cols[0], cols[3], cols[4], cols[2]) == (LOOP, raised, "1Mi", "4.00")  # the measured expansion ratio
+    assert (cols[0], cols[3], cols[4]) == (LOOP, raised, "1Mi")
+    assert float(cols[2]) > 1.0  # the measured expansion ratio: adaptive expanded under the load
     assert any(e["reason"] == "MemoryDecision" and name in e["message"] for e in events(k8s, ns, LOOP))
 
 

@@ -1,28 +1,21 @@
 """Adaptive expansion: how many layers' KV to keep on host (m), decided between iterations (pure, no torch).
 
-Grow m while swapping stays hidden and there is demand for more KV (by one layer, or at once to the m that holds
-the KV the running and waiting requests want, so a burst is met within a window); shrink by one when the latency
-overhead of swapping exceeds epsilon. Overhead over a window of iterations is the largest of three measurements:
-- stalls: ``sum(stall) / sum(iteration - stall)``, exact wherever stalls are measured;
-- in-step excess: ``sum(excess) / sum(iteration - excess)``, where each iteration's excess is what its host-backed
-  layers took beyond its resident layers (SwapSchedule.excess_seconds): stalls plus copy issue and write-back work
-  on the compute timeline, against a no-swap reference at exactly the same load;
-- baseline: ``sum(iteration) / sum(no-swap prediction) - 1``, the prediction from a LatencyBaseline fitted while
-  m = 0 (latency_baseline.py), used only at loads like ones it predicted at m = 0, less its own measured error
-  there (held-out predictions). It catches a slowdown of all layers alike (copy threads competing with compute
-  for cores or memory bandwidth), which the in-step comparison cannot see.
-Hysteresis: grow only below ``grow_overhead`` (< epsilon), a full window of evidence per decision (and a second one
-to confirm a shrink unless the overhead is clearly above epsilon), a cooldown after every change, and an m that
-caused overhead stays forbidden for ``ceiling_ttl`` iterations, so the controller settles instead of oscillating.
-docs/pie.md has the details.
+The objective is the speed users see (probe.py: output tokens per second per request in the system, measured at
+each m). Under demand for KV, m grows (at once to the m that holds the KV wanted, or, where the speed is measured, as
+a probe of at most twice the capacity), and a probe is judged against the m it came from: undone only if that m
+was faster by more than epsilon with confidence and going back pays for the recomputation it causes. Guards, each
+confirmed on the evidence (evidence.py): stalls above epsilon always shrink (transparency); an explicit latency
+target bounds the iteration time; otherwise a per-iteration overhead above epsilon is shed, unless it buys KV
+capacity the load needs and no smaller m was measurably faster. Hysteresis: grow only below ``grow_overhead``, a
+cooldown after every change, and an m left by a back-off stays forbidden for a ttl that doubles with repeated
+back-offs, so the controller settles instead of oscillating. docs/pie.md has the details and the measurements.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from pie_engine.config import parse_expansion
 from pie_engine.pie.controller_config import (
@@ -31,20 +24,9 @@ from pie_engine.pie.controller_config import (
     IterationSample,
     layers_for_ratio,
 )
+from pie_engine.pie.evidence import Entry, Evidence, Terms, max_term, mean_iteration
 from pie_engine.pie.geometry import SwapGeometry
-from pie_engine.pie.latency_baseline import LatencyBaseline
-from pie_engine.pie.probe import SpeedTable, better, shrink_pays
-
-Entry = tuple[IterationSample, "tuple[float, float] | None", bool]
-
-
-@dataclass(frozen=True)
-class Probe:
-    """A grow under judgement: from ``origin`` to ``target``, at iteration ``started``."""
-
-    origin: int
-    target: int
-    started: int
+from pie_engine.pie.probe import Probe, SpeedTable, better, shrink_pays
 
 
 class ExpansionController:
@@ -61,11 +43,8 @@ class ExpansionController:
         self.host_memory_limit = host_memory_limit
         self.config = cfg = config or ControllerConfig()
         self.max_layers_on_host = geometry.max_layers_on_host(host_memory_limit)
-        self.baseline = LatencyBaseline(cfg.baseline_decay, cfg.baseline_min_samples, cfg.baseline_extrapolation,
-                                        min_held_out=cfg.baseline_min_held_out)
-        # (sample, baseline reference (prediction, its error) or None, demand) since the last change, newest last;
-        # decisions read the last ``window``, a shrink's confirmation all of it.
-        self._recent: deque[Entry] = deque(maxlen=cfg.confirm_window)
+        self.evidence = Evidence(cfg)
+        self.baseline = self.evidence.baseline
         self._idle: deque[tuple[int, bool]] = deque(maxlen=cfg.idle_window)
         self._peak: deque[tuple[int, int]] = deque()  # (iteration, wanted), decreasing: a sliding-window max
         self.peak_blocks = 0  # observed peak KV demand, blocks per layer, over the last peak_window iterations
@@ -97,6 +76,11 @@ class ExpansionController:
         mode, ratio = parse_expansion(expansion)
         return cls(geometry, mode, ratio, host_memory_limit, config, recompute_tokens)
 
+    @property
+    def iterations(self) -> int:
+        """Iterations recorded so far (the controller's clock: ttl and probe ages count these)."""
+        return self._iteration
+
     # -------------------------------------------------------------------------------------------- decisions
     def _target_static(self) -> int:
         assert self.ratio is not None
@@ -116,16 +100,14 @@ class ExpansionController:
         if self._cooldown > 0:
             self._cooldown -= 1
             return self.m
-        if self.m == 0:
-            self.baseline.add(s.iteration_seconds, s.num_tokens, s.context_tokens)
-        self._recent.append((s, self._reference(s), demand))
+        self.evidence.add(s, self.m, demand)
         self.speeds.add(self.m, self._iteration, s.num_output_tokens, s.iteration_seconds, s.num_requests)
         if self._probe is not None and (verdict := self._probe_stalls()) is not None:
             return verdict
-        if len(self._recent) < cfg.window:
+        if len(self.evidence) < cfg.window:
             return self.m
-        window = list(self._recent)[-cfg.window:]
-        self.overhead, self.overheads, self.stall_fraction = self._measure(window)
+        window = self.evidence.last()
+        self.overhead, self.overheads, self.stall_fraction = Evidence.measure(window, self.m)
         if self._ceiling is not None and self._iteration >= self._ceiling[1]:
             self._ceiling = None  # load may have changed: allow probing again
         self._hold_reason = "hold"
@@ -159,21 +141,22 @@ class ExpansionController:
         for it. None: hold or go on."""
         cfg = self.config
         stall = self.overheads["stall"] or 0.0
-        if stall > cfg.epsilon and (why := self._confirm(lambda o: o["stall"] or 0.0, stall, cfg.epsilon)):
+        stall_term: Callable[[Terms], float] = lambda o: o["stall"] or 0.0  # noqa: E731
+        if stall > cfg.epsilon and (why := self.evidence.confirm(stall_term, stall, cfg.epsilon, self.m)):
             return self._back_off(f"stall {stall:.3f} > epsilon {cfg.epsilon} ({why})")
         if cfg.latency_target is not None:
-            itl = self._mean_iteration(list(self._recent)[-cfg.window:])
-            if itl > cfg.latency_target and (why := self._confirm_latency(itl)):
+            itl = mean_iteration(self.evidence.last())
+            if itl > cfg.latency_target and (why := self.evidence.confirm_latency(itl, cfg.latency_target)):
                 return self._back_off(f"iteration {itl * 1e3:.1f} ms > target {cfg.latency_target * 1e3:.1f} ms "
                                       f"({why})")
             return None
-        if self.overhead > cfg.epsilon and (why := self._confirm(self._max_term, self.overhead, cfg.epsilon)):
+        if self.overhead > cfg.epsilon and (why := self.evidence.confirm(max_term, self.overhead, cfg.epsilon, self.m)):
             if self.overhead <= cfg.gross_factor * cfg.epsilon and (need := self._capacity_need()) is not None:
                 self._hold_reason = f"hold: overhead {self.overhead:.3f} buys KV capacity ({need}); speed decides"
                 return None
             terms = ", ".join(f"{k} {v:.3f}" for k, v in self.overheads.items() if v is not None)
             return self._back_off(f"overhead {self.overhead:.3f} > epsilon {cfg.epsilon} ({terms}; {why}; "
-                                  f"{self._speed_summary()})")
+                                  f"{self.speeds.summary(self.m, self._iteration, self.evidence.load())})")
         return None
 
     def _probe_stalls(self) -> int | None:
@@ -181,7 +164,7 @@ class ExpansionController:
         undone at once: with copies that cannot hide (a slow link) every iteration of a probe costs a multiple of
         one without it, and a full window of such evidence would cost more than the probe could ever win."""
         cfg = self.config
-        last = list(self._recent)[-cfg.probe_stall_iterations:]
+        last = self.evidence.last(cfg.probe_stall_iterations)
         if len(last) < cfg.probe_stall_iterations:
             return None
         limit = 2 * cfg.clear_factor * cfg.epsilon
@@ -200,38 +183,25 @@ class ExpansionController:
         and gave 1.3-1.4x the throughput of m = 0 when KV bound (bench/results/summary.md). Not where a smaller m
         was measurably faster at this load, nor above ``gross_factor`` x epsilon. None: shed it."""
         cfg = self.config
-        window = list(self._recent)[-cfg.window:]
+        window = self.evidence.last()
         wanted = max(s.wanted for s, _, _ in window)
         smaller = self.geometry.capacity_blocks(self.m - 1)
         here = self.speeds.estimate(self.m, self._iteration)
         if wanted <= smaller or here is None:
             return None
-        load = self._load()
+        load = self.evidence.load()
         below = self.speeds.best_below(self.m, self._iteration, load)
         here_now = self.speeds.estimate(self.m, self._iteration, load)
         if below is not None and here_now is not None and better(below[1], here_now, cfg.epsilon, cfg.probe_z):
             return None  # a smaller m was measurably faster at this load: the capacity is not worth its overhead
         return f"{wanted} blocks wanted > {smaller} at m = {self.m - 1}"
 
-    def _speed_summary(self) -> str:
-        """The speeds behind a decision, for its log line."""
-        load = self._load()
-        here = self.speeds.estimate(self.m, self._iteration, load)
-        below = self.speeds.best_below(self.m, self._iteration, load)
-        text = "speed here " + ("unmeasured" if here is None else f"{here.mean:.3g} ({here.n} batches)")
-        return text + ("" if below is None else f", at m = {below[0]} {below[1].mean:.3g} ({below[1].n} batches)")
-
-    def _load(self) -> float | None:
-        """Mean requests in the system over the window (None when not reported): what speeds are compared at."""
-        reported = [s.num_requests for s, _, _ in list(self._recent)[-self.config.window:] if s.num_requests > 0]
-        return sum(reported) / len(reported) if reported else None
-
     def _judge_probe(self, window: list[Entry]) -> int | None:
         """After a grow: once ``probe_batches`` batches are measured at the new m, undo it if the m it came from was
         faster by more than epsilon (with confidence) and going back pays for its recomputation. None: keep."""
         cfg, probe = self.config, self._probe
         assert probe is not None
-        load = self._load()
+        load = self.evidence.load()
         here = self.speeds.estimate(self.m, self._iteration, load, since=probe.started)
         if here is None or here.n < cfg.probe_batches:
             if self._iteration - probe.started > cfg.cooldown + 4 * cfg.probe_batches * cfg.speed_batch:
@@ -269,43 +239,13 @@ class ExpansionController:
         self.transparent_limit = target
         return self._change(target, reason)
 
-    def _confirm(self, term: Callable[[dict[str, float | None]], float], reading: float, limit: float) -> str | None:
-        """Why a window reading above ``limit`` is real: clearly above (``clear_factor`` x), or confirmed over
-        ``confirm_window`` iterations at this m; None: wait for more evidence (or for the reading to fall back)."""
-        cfg = self.config
-        if reading > cfg.clear_factor * limit:
-            return "clear"
-        if len(self._recent) == cfg.confirm_window and (long := term(self._measure(self._recent)[1])) > limit:
-            return f"confirmed over {cfg.confirm_window} iterations: {long:.3f}"
-        return None
-
-    def _confirm_latency(self, itl: float) -> str | None:
-        """``_confirm`` for the explicit latency target."""
-        cfg = self.config
-        assert cfg.latency_target is not None
-        if itl > cfg.clear_factor * cfg.latency_target:
-            return "clear"
-        if len(self._recent) == cfg.confirm_window and (long := self._mean_iteration(self._recent)) > cfg.latency_target:
-            return f"confirmed over {cfg.confirm_window} iterations: {long * 1e3:.1f} ms"
-        return None
-
     def _latency_allows_growth(self, window: list[Entry]) -> bool:
         """Grow only with room below the latency bound: overhead below ``grow_overhead``, or with an explicit target
         iterations below ``grow_overhead / epsilon`` of it."""
         cfg = self.config
         if cfg.latency_target is not None:
-            return self._mean_iteration(window) < cfg.latency_target * cfg.grow_overhead / cfg.epsilon
+            return mean_iteration(window) < cfg.latency_target * cfg.grow_overhead / cfg.epsilon
         return self.overhead < cfg.grow_overhead
-
-    @staticmethod
-    def _mean_iteration(entries: Iterable[Entry]) -> float:
-        """Mean iteration time: the inter-token latency of the running requests."""
-        times = [s.iteration_seconds for s, _, _ in entries]
-        return sum(times) / max(1, len(times))
-
-    @staticmethod
-    def _max_term(overheads: dict[str, float | None]) -> float:
-        return max(v for v in overheads.values() if v is not None)
 
     def _grow_target(self, window: list[Entry], ceiling: int) -> int:
         """m + 1, or the smallest m that holds ``grow_headroom`` times the window's peak KV demand when that demand
@@ -318,7 +258,7 @@ class ExpansionController:
         if wanted > g.capacity_blocks(self.m):
             need = self.required_layers_on_host(math.ceil(self.config.grow_headroom * wanted))
             target = max(target, self.max_layers_on_host if need is None else need)
-            if self.speeds.estimate(self.m, self._iteration, self._load()) is not None:
+            if self.speeds.estimate(self.m, self._iteration, self.evidence.load()) is not None:
                 double = self.required_layers_on_host(2 * g.capacity_blocks(self.m))
                 target = min(target, max(self.m + 1, self.max_layers_on_host if double is None else double))
         return min(target, self.max_layers_on_host, ceiling - 1)
@@ -348,41 +288,13 @@ class ExpansionController:
             self._peak.popleft()
         self.peak_blocks = self._peak[0][1]
 
-    def _reference(self, s: IterationSample) -> tuple[float, float] | None:
-        """The no-swap baseline's (prediction, error) for this iteration's load, if it can judge epsilon there: a
-        load like ones it predicted at m = 0, with an error below ``baseline_max_error * epsilon``."""
-        if self.m == 0 or (ref := self.baseline.reference(s.num_tokens, s.context_tokens)) is None:
-            return None
-        return ref if ref[1] <= self.config.baseline_max_error * self.config.epsilon else None
-
-    def _measure(self, entries: Iterable[Entry]) -> tuple[float, dict[str, float | None], float]:
-        """(overhead, each term's reading, stall fraction) over ``entries`` (see module docstring)."""
-        entries = list(entries)
-        it = sum(s.iteration_seconds for s, _, _ in entries)
-        stall = sum(s.stall_seconds for s, _, _ in entries)
-        stall_fraction = stall / it if it > 0 else 0.0
-        if self.m == 0:
-            return 0.0, {"stall": 0.0, "excess": None, "baseline": None}, stall_fraction  # nothing is swapped
-        half = (len(entries) + 1) // 2  # a term counts only with evidence from at least half the entries
-        excess = [(s.iteration_seconds, s.excess_seconds) for s, _, _ in entries if s.excess_seconds is not None]
-        refs = [(s.iteration_seconds, *r) for s, r, _ in entries if r is not None]
-        predicted = sum(p for _, p, _ in refs)
-        overheads = {
-            "stall": stall / max(it - stall, 1e-12),
-            "excess": sum(e for _, e in excess) / max(sum(i - e for i, e in excess), 1e-12)
-            if len(excess) >= half else None,
-            # less the baseline's own error at these loads (prediction-weighted)
-            "baseline": (sum(i for i, _, _ in refs) - sum(p * e for _, p, e in refs)) / predicted - 1.0
-            if len(refs) >= half else None}
-        return max(v for v in overheads.values() if v is not None), overheads, stall_fraction
-
     def _change(self, m: int, reason: str) -> int:
         if m > self.m:
             self.num_grows += 1
         else:
             self.num_shrinks += 1
         # A grow is a probe when the speed it left is measured (nothing to compare with otherwise).
-        measured = m > self.m and self.speeds.estimate(self.m, self._iteration, self._load()) is not None
+        measured = m > self.m and self.speeds.estimate(self.m, self._iteration, self.evidence.load()) is not None
         self._probe = Probe(self.m, m, self._iteration) if measured else None
         self._previous_m, self.m = self.m, m
         self.last_decision = f"m -> {m}: {reason}"
@@ -392,7 +304,7 @@ class ExpansionController:
 
     def _reset_evidence(self) -> None:
         """After a change of m or of the pool: the window restarts and a cooldown skips the transition."""
-        self._recent.clear()
+        self.evidence.clear()
         self._idle.clear()
         self.speeds.break_batch()
         self._cooldown = self.config.cooldown

@@ -91,7 +91,8 @@ class ControllerConfig:
             raise ValueError("window, idle_window and peak_window must be >= 1 and cooldown >= 0")
         if self.latency_target is not None and not self.latency_target > 0:
             raise ValueError(f"latency_target must be > 0 seconds, got {self.latency_target}")
-        if self.speed_batch < 1 or self.probe_batches < 2 or self.probe_stall_iterations < 1 or self.speed_ttl < 1 or self.max_ceiling_backoff < 1:
+        if (self.speed_batch < 1 or self.probe_batches < 2 or self.probe_stall_iterations < 1 or self.speed_ttl < 1
+                or self.max_ceiling_backoff < 1):
             raise ValueError("need speed_batch >= 1, probe_batches >= 2, probe_stall_iterations >= 1, speed_ttl >= 1, "
                              "max_ceiling_backoff >= 1")
         if self.payback_seconds < 0 or self.probe_z < 0:

@@ -33,6 +33,15 @@ def better(a: Estimate, b: Estimate, margin: float, z: float) -> bool:
     return a.mean - scale * b.mean > z * math.hypot(a.se, scale * b.se)
 
 
+@dataclass(frozen=True)
+class Probe:
+    """A grow under judgement: from ``origin`` to ``target``, at iteration ``started``."""
+
+    origin: int
+    target: int
+    started: int
+
+
 class SpeedTable:
     """Speed batches per m: each batch is ``batch`` consecutive iterations at one m with requests in the system.
     Batches older than ``ttl`` iterations are forgotten (the load they were measured at may be gone); at most
@@ -83,6 +92,13 @@ class SpeedTable:
         """The measured m' < m with the highest speed (at ``load``), if any."""
         found = [(k, e) for k in self._batches if k < m and (e := self.estimate(k, now, load)) is not None]
         return max(found, key=lambda ke: ke[1].mean, default=None)
+
+
+    def summary(self, m: int, now: int, load: float | None) -> str:
+        """The speeds behind a decision at ``m``, for its log line."""
+        here, below = self.estimate(m, now, load), self.best_below(m, now, load)
+        text = "speed here " + ("unmeasured" if here is None else f"{here.mean:.3g} ({here.n} batches)")
+        return text + ("" if below is None else f", at m = {below[0]} {below[1].mean:.3g} ({below[1].n} batches)")
 
 
 def shrink_pays(faster: float, slower: float, horizon_seconds: float, recompute_tokens: int,

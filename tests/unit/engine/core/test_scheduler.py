@@ -172,6 +172,9 @@ def test_set_num_blocks_preempts_holders_of_high_ids() -> None:
     a, b = add(s, 4, max_tokens=6), add(s, 4, max_tokens=6)
     s.update(p := s.schedule(), fake_tokens(p))
     assert a.block_table == [0, 1] and b.block_table == [2, 3]
+    # What the shrink will cost, asked first: b's 4 computed tokens must be recomputed, a's not; 8 blocks: nothing.
+    assert s.tokens_to_recompute(3) == b.num_computed_tokens == 4 and s.tokens_to_recompute(8) == 0
+    assert s.tokens_to_recompute(1) == 8
     preempted = s.set_num_blocks(3)
     assert preempted == [b] and s.block_manager.num_blocks == 3 and s.num_preemptions_total == 1
     run(s)

@@ -127,6 +127,24 @@ def test_adaptive_grows_under_load_then_backs_off_with_correct_kv() -> None:
     kv.close()
 
 
+def test_the_controller_measures_speed_from_real_steps() -> None:
+    """Every step reports the tokens it sampled and the requests in the system, so the controller's speed table
+    fills from the engine loop itself; and it asks the scheduler what a shrink would make it recompute."""
+    kv, sched, pie = setup("adaptive", ControllerConfig(window=2, cooldown=1, speed_batch=2, idle_shrink=False))
+    ctrl = pie.controller
+    assert ctrl is not None
+    add_requests(sched, 6)
+    for _ in range(8):
+        run_step(kv, sched, pie, 0.01)
+    est = ctrl.speeds.estimate(ctrl.m, ctrl.iterations)
+    assert est is not None and est.mean > 0
+    # 0.01 s per step, at most one token per running sequence per step, 6 requests in the system
+    assert est.mean <= sched.config.max_num_seqs / 0.01 / 6
+    assert ctrl.recompute_tokens(ctrl.m) == 0  # nothing lies beyond the current capacity
+    assert ctrl.recompute_tokens(0) == sched.tokens_to_recompute(kv.capacity_blocks(0))
+    kv.close()
+
+
 def test_rejected_move_leaves_both_sides_consistent() -> None:
     kv, sched, pie = setup("adaptive", host_memory_limit="1")  # no host KV allowed at all
     assert pie.controller is not None and pie.controller.max_layers_on_host == 0
