@@ -227,6 +227,31 @@ def median_tok_s(model_entry: dict, workload: str, cfg: str) -> float:
     return 0.0 if block is None else block["median"]["wall_output_tok_s"]  # not run (throttled statics)
 
 
+CAVEAT = ("A CPU \"device\" says nothing of GPU copy costs: here both tiers are RAM and the copy threads share the "
+          "cores and memory bandwidth with compute (and with the HTTP server); on a GH200 the copies run on copy "
+          "engines over NVLink-C2C, on an H100 over PCIe.")
+
+
+def summary_table(result: dict) -> list[str]:
+    """Markdown: per model and workload, median wall output tokens/s of each configuration and adaptive's ratios,
+    from one served_expansion.json (bench/run_all.py puts it in summary.md)."""
+    lines = ["| model | workload | off | adaptive | best static | ideal | adaptive / off | adaptive / best static "
+             "| adaptive / ideal | adaptive's final m | load avg |", "|---" * 11 + "|"]
+    for m, e in result["models"].items():
+        ideal = e["ideal"]["median"]["wall_output_tok_s"]
+        for wl, w in e["workloads"].items():
+            tok = {k: c["median"]["wall_output_tok_s"] for k, c in w["configs"].items()}
+            r, best = w["ratios"], w["ratios"]["best_static"]
+            runs = w["configs"]["adaptive"]["runs"]
+            final = "/".join(str(x["server_expansion_state"]["layers_on_host"]) for x in runs)
+            load = "/".join(f"{x['loadavg_before'][0]:.1f}" for x in runs)
+            static = "-" if best is None else f"{tok[best]:.1f} ({best})"
+            lines.append(f"| {m} | {wl} | {tok['off']:.1f} | {tok['adaptive']:.1f} | {static} | {ideal:.1f} | "
+                         f"{r['adaptive_vs_off']} | {r['adaptive_vs_best_static'] or '-'} | {r['adaptive_vs_ideal']} | "
+                         f"{final} | {load} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731

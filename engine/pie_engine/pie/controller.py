@@ -62,6 +62,7 @@ class ExpansionController:
         # Tokens that moving to a given m would preempt and recompute (the runtime asks the scheduler).
         self.recompute_tokens: Callable[[int], int] = recompute_tokens or (lambda m: 0)
         self._probe: Probe | None = None
+        self._grown: tuple[int, int, int] | None = None  # the last grow (origin, iteration, stalled iterations since)
         self._backoffs = 0  # back-offs since the last kept probe: lengthens the ceiling's ttl
         self._hold_reason = "hold"  # what last_decision says when an update changes nothing
         self.last_decision = "start"
@@ -97,13 +98,14 @@ class ExpansionController:
         if self.mode != "adaptive":
             self.m = 0 if self.mode == "off" else self._target_static()
             return self.m
+        if self._grown is not None and (verdict := self._grow_stalls(s)) is not None:
+            return verdict
         if self._cooldown > 0:
             self._cooldown -= 1
             return self.m
         self.evidence.add(s, self.m, demand)
-        self.speeds.add(self.m, self._iteration, s.num_output_tokens, s.iteration_seconds, s.num_requests)
-        if self._probe is not None and (verdict := self._probe_stalls()) is not None:
-            return verdict
+        self.speeds.add(self.m, self._iteration, s.num_output_tokens, s.iteration_seconds, s.num_requests,
+                        s.context_tokens)
         if len(self.evidence) < cfg.window:
             return self.m
         window = self.evidence.last()
@@ -156,24 +158,31 @@ class ExpansionController:
                 return None
             terms = ", ".join(f"{k} {v:.3f}" for k, v in self.overheads.items() if v is not None)
             return self._back_off(f"overhead {self.overhead:.3f} > epsilon {cfg.epsilon} ({terms}; {why}; "
-                                  f"{self.speeds.summary(self.m, self._iteration, self.evidence.load())})")
+                                  f"{self.speeds.summary(self.m, self._iteration, self.evidence.conditions())})")
         return None
 
-    def _probe_stalls(self) -> int | None:
-        """A probe whose first ``probe_stall_iterations`` iterations all stall beyond twice the clear level is
-        undone at once: with copies that cannot hide (a slow link) every iteration of a probe costs a multiple of
-        one without it, and a full window of such evidence would cost more than the probe could ever win."""
+    def _grow_stalls(self, s: IterationSample) -> int | None:
+        """A grow whose first ``probe_stall_iterations`` iterations (after the change's own, which migrates KV) all
+        stall beyond twice the clear level is undone at once, cooldown or not: with copies that cannot hide (a slow
+        link) every such iteration costs a multiple of one without swapping, and a window of evidence would cost
+        more than the grow could ever win."""
         cfg = self.config
-        last = self.evidence.last(cfg.probe_stall_iterations)
-        if len(last) < cfg.probe_stall_iterations:
+        assert self._grown is not None
+        origin, started, stalled = self._grown
+        if self._iteration - started <= 1:
             return None
         limit = 2 * cfg.clear_factor * cfg.epsilon
-        if all(s.stall_seconds > limit * max(s.iteration_seconds - s.stall_seconds, 1e-12) for s, _, _ in last):
-            stall = sum(s.stall_seconds for s, _, _ in last) / sum(s.iteration_seconds for s, _, _ in last)
-            # No smaller probe either for a while: copies that slow stall at any m the controller would try next,
-            # and each probe costs a few iterations at a multiple of their time plus the preempted recomputation.
-            return self._back_off(f"probe stalls: {stall:.2f} of its first {len(last)} iterations", whole=True)
-        return None
+        if s.stall_seconds <= limit * max(s.iteration_seconds - s.stall_seconds, 1e-12):
+            self._grown = None  # it hides (at least once): the window's guards judge it from here
+            return None
+        stalled += 1
+        self._grown = (origin, started, stalled)
+        if stalled < cfg.probe_stall_iterations:
+            return None
+        # Nothing above the origin for a while: copies that slow stall at any m the controller would try next.
+        fraction = s.stall_seconds / s.iteration_seconds
+        return self._back_off(f"grow stalls: {fraction:.2f} of iteration {stalled} at m = {self.m}",
+                              Probe(origin, self.m, started), whole=True)
 
     def _capacity_need(self) -> str | None:
         """Why an overhead above epsilon is not shed by itself: the KV wanted over the window does not fit at
@@ -189,9 +198,9 @@ class ExpansionController:
         here = self.speeds.estimate(self.m, self._iteration)
         if wanted <= smaller or here is None:
             return None
-        load = self.evidence.load()
-        below = self.speeds.best_below(self.m, self._iteration, load)
-        here_now = self.speeds.estimate(self.m, self._iteration, load)
+        at = self.evidence.conditions()
+        below = self.speeds.best_below(self.m, self._iteration, at)
+        here_now = self.speeds.estimate(self.m, self._iteration, at)
         if below is not None and here_now is not None and better(below[1], here_now, cfg.epsilon, cfg.probe_z):
             return None  # a smaller m was measurably faster at this load: the capacity is not worth its overhead
         return f"{wanted} blocks wanted > {smaller} at m = {self.m - 1}"
@@ -201,15 +210,15 @@ class ExpansionController:
         faster by more than epsilon (with confidence) and going back pays for its recomputation. None: keep."""
         cfg, probe = self.config, self._probe
         assert probe is not None
-        load = self.evidence.load()
-        here = self.speeds.estimate(self.m, self._iteration, load, since=probe.started)
+        at = self.evidence.conditions()
+        here = self.speeds.estimate(self.m, self._iteration, at, since=probe.started)
         if here is None or here.n < cfg.probe_batches:
             if self._iteration - probe.started > cfg.cooldown + 4 * cfg.probe_batches * cfg.speed_batch:
                 self._probe = None  # the demand to measure it by is gone: nothing says it is worse
                 self.last_decision = f"probe of m = {self.m} kept: no demand to measure it by"
             return None
         self._probe = None
-        origin = self.speeds.estimate(probe.origin, self._iteration, load)
+        origin = self.speeds.estimate(probe.origin, self._iteration, at)
         if origin is None or not better(origin, here, cfg.epsilon, cfg.probe_z):
             self._backoffs = 0
             ratio = "" if origin is None else f": speed {here.mean / origin.mean:.2f}x that of m = {probe.origin}"
@@ -234,7 +243,8 @@ class ExpansionController:
             forbidden = probe.origin + 1 if whole else max(probe.origin + 1, (probe.origin + self.m) // 2 + 1)
         else:
             target, forbidden = self.m - 1, self.m
-        self._backoffs = min(self._backoffs + 1, cfg.max_ceiling_backoff)
+        # A grow that stalls outright is strong evidence: its ceiling starts at 4 ttl (3 back-offs' worth).
+        self._backoffs = min(max(self._backoffs + 1, 3 if whole else 0), cfg.max_ceiling_backoff)
         self._ceiling = (forbidden, self._iteration + cfg.ceiling_ttl * 2 ** (self._backoffs - 1))
         self.transparent_limit = target
         return self._change(target, reason)
@@ -258,7 +268,7 @@ class ExpansionController:
         if wanted > g.capacity_blocks(self.m):
             need = self.required_layers_on_host(math.ceil(self.config.grow_headroom * wanted))
             target = max(target, self.max_layers_on_host if need is None else need)
-            if self.speeds.estimate(self.m, self._iteration, self.evidence.load()) is not None:
+            if self.speeds.estimate(self.m, self._iteration, self.evidence.conditions()) is not None:
                 double = self.required_layers_on_host(2 * g.capacity_blocks(self.m))
                 target = min(target, max(self.m + 1, self.max_layers_on_host if double is None else double))
         return min(target, self.max_layers_on_host, ceiling - 1)
@@ -276,7 +286,7 @@ class ExpansionController:
         (correctness before latency). No-op when already there or not adaptive. Returns the m to apply."""
         if self.mode == "adaptive" and m > self.m:
             self._change(m, reason)
-            self._probe = None  # needed, not tried: a probe's verdict could not undo it
+            self._probe = self._grown = None  # needed, not tried: neither a verdict nor a stall may undo it
         return self.m
 
     def _track_peak(self, wanted: int) -> None:
@@ -294,8 +304,9 @@ class ExpansionController:
         else:
             self.num_shrinks += 1
         # A grow is a probe when the speed it left is measured (nothing to compare with otherwise).
-        measured = m > self.m and self.speeds.estimate(self.m, self._iteration, self.evidence.load()) is not None
+        measured = m > self.m and self.speeds.estimate(self.m, self._iteration, self.evidence.conditions()) is not None
         self._probe = Probe(self.m, m, self._iteration) if measured else None
+        self._grown = (self.m, self._iteration, 0) if m > self.m else None
         self._previous_m, self.m = self.m, m
         self.last_decision = f"m -> {m}: {reason}"
         self.changes = (*self.changes[-15:], (self._iteration, m, reason))
@@ -315,7 +326,7 @@ class ExpansionController:
         previous = self._previous_m if self.m == m else self.m
         if m > previous:
             self.max_layers_on_host = min(self.max_layers_on_host, m - 1)
-        self.m, self._probe = previous, None
+        self.m, self._probe, self._grown = previous, None, None
         self.last_decision = f"m = {m} rejected by the engine"
         return self.m
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 
 from pie_engine.pie.controller_config import ControllerConfig, IterationSample
 from pie_engine.pie.latency_baseline import LatencyBaseline
+from pie_engine.pie.probe import Conditions
 
 # (sample, baseline reference (prediction, its error) or None, demand)
 Entry = tuple[IterationSample, "tuple[float, float] | None", bool]
@@ -98,10 +99,15 @@ class Evidence:
             return f"confirmed over {cfg.confirm_window} iterations: {long * 1e3:.1f} ms"
         return None
 
-    def load(self) -> float | None:
-        """Mean requests in the system over the window (None when not reported): what speeds are compared at."""
-        reported = [s.num_requests for s, _, _ in self.last() if s.num_requests > 0]
-        return sum(reported) / len(reported) if reported else None
+    def conditions(self) -> Conditions | None:
+        """What speeds are compared at, over the window: (mean requests in the system, mean context tokens per
+        sampled token); None when not reported."""
+        window = [s for s, _, _ in self.last() if s.num_requests > 0]
+        if not window:
+            return None
+        tokens = sum(s.num_output_tokens for s in window)
+        return (sum(s.num_requests for s in window) / len(window),
+                sum(s.context_tokens for s in window) / tokens if tokens else None)
 
 
 def mean_iteration(entries: Iterable[Entry]) -> float:

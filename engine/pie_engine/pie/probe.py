@@ -16,6 +16,10 @@ from collections import deque
 from dataclasses import dataclass
 
 LOAD_MATCH = 1.25  # batches measured at a mean load within this factor of each other are comparable
+# (mean requests in the system, mean context tokens per sampled token or None): the conditions a speed is measured
+# at. Context tells phases apart that the request count cannot: a server that just started runs young sequences
+# with short contexts and no preemption, and its speed then flatters m = 0 (measured: 40 against a steady 32).
+Conditions = tuple[float, "float | None"]
 
 
 @dataclass(frozen=True)
@@ -51,54 +55,62 @@ class SpeedTable:
         if batch < 1 or ttl < 1:
             raise ValueError(f"batch and ttl must be >= 1, got {batch}, {ttl}")
         self.batch, self.ttl, self.keep = batch, ttl, keep
-        # m -> (iteration, speed, mean requests), oldest first
-        self._batches: dict[int, deque[tuple[int, float, float]]] = {}
-        self._open: list[tuple[float, float, int]] = []  # the batch being filled: (output tokens, seconds, requests)
+        # m -> (iteration, speed, conditions), oldest first
+        self._batches: dict[int, deque[tuple[int, float, Conditions]]] = {}
+        # the batch being filled: (output tokens, seconds, requests, context tokens)
+        self._open: list[tuple[int, float, int, int]] = []
         self._open_m: int | None = None
 
-    def add(self, m: int, iteration: int, output_tokens: int, seconds: float, requests: int) -> None:
+    def add(self, m: int, iteration: int, output_tokens: int, seconds: float, requests: int,
+            context_tokens: int = 0) -> None:
         """One iteration at ``m``. An iteration without requests, or at another m, drops the partial batch: a batch
         is always consecutive iterations under the same conditions."""
         if requests <= 0 or m != self._open_m:
             self._open, self._open_m = [], (m if requests > 0 else None)
             if self._open_m is None:
                 return
-        self._open.append((output_tokens, seconds, requests))
+        self._open.append((output_tokens, seconds, requests, context_tokens))
         if len(self._open) < self.batch:
             return
-        tokens = sum(t for t, _, _ in self._open)
-        secs = sum(s for _, s, _ in self._open)
-        load = sum(r for _, _, r in self._open) / len(self._open)
+        tokens = sum(t for t, _, _, _ in self._open)
+        secs = sum(s for _, s, _, _ in self._open)
+        load = sum(r for _, _, r, _ in self._open) / len(self._open)
+        context = sum(c for _, _, _, c in self._open)
         self._open = []
         if secs > 0:
-            self._batches.setdefault(m, deque(maxlen=self.keep)).append((iteration, tokens / secs / load, load))
+            at = (load, context / tokens if tokens and context else None)
+            self._batches.setdefault(m, deque(maxlen=self.keep)).append((iteration, tokens / secs / load, at))
 
     def break_batch(self) -> None:
         """Drop the partial batch (m or the pool changed under it)."""
         self._open, self._open_m = [], None
 
-    def estimate(self, m: int, now: int, load: float | None = None, since: int = 0) -> Estimate | None:
-        """Speed at ``m`` from batches closed after ``since``, within ``ttl`` of ``now`` and (given ``load``) measured
-        at a load within ``LOAD_MATCH`` of it; None below 2 batches."""
-        values = [v for it, v, r in self._batches.get(m, ()) if it > since and it > now - self.ttl
-                  and (load is None or 1 / LOAD_MATCH <= r / load <= LOAD_MATCH)]
+    def estimate(self, m: int, now: int, at: Conditions | None = None, since: int = 0) -> Estimate | None:
+        """Speed at ``m`` from batches closed after ``since``, within ``ttl`` of ``now`` and (given ``at``) measured
+        under like conditions (each known figure within ``LOAD_MATCH``); None below 2 batches."""
+        values = [v for it, v, c in self._batches.get(m, ()) if it > since and it > now - self.ttl
+                  and (at is None or _alike(c, at))]
         if len(values) < 2:
             return None
         mean = sum(values) / len(values)
         var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
         return Estimate(mean, math.sqrt(var / len(values)), len(values))
 
-    def best_below(self, m: int, now: int, load: float | None = None) -> tuple[int, Estimate] | None:
-        """The measured m' < m with the highest speed (at ``load``), if any."""
-        found = [(k, e) for k in self._batches if k < m and (e := self.estimate(k, now, load)) is not None]
+    def best_below(self, m: int, now: int, at: Conditions | None = None) -> tuple[int, Estimate] | None:
+        """The measured m' < m with the highest speed (under conditions like ``at``), if any."""
+        found = [(k, e) for k in self._batches if k < m and (e := self.estimate(k, now, at)) is not None]
         return max(found, key=lambda ke: ke[1].mean, default=None)
 
 
-    def summary(self, m: int, now: int, load: float | None) -> str:
+    def summary(self, m: int, now: int, at: Conditions | None) -> str:
         """The speeds behind a decision at ``m``, for its log line."""
-        here, below = self.estimate(m, now, load), self.best_below(m, now, load)
+        here, below = self.estimate(m, now, at), self.best_below(m, now, at)
         text = "speed here " + ("unmeasured" if here is None else f"{here.mean:.3g} ({here.n} batches)")
         return text + ("" if below is None else f", at m = {below[0]} {below[1].mean:.3g} ({below[1].n} batches)")
+
+
+def _alike(a: Conditions, b: Conditions) -> bool:
+    return all(x is None or y is None or 1 / LOAD_MATCH <= x / y <= LOAD_MATCH for x, y in zip(a, b, strict=True))
 
 
 def shrink_pays(faster: float, slower: float, horizon_seconds: float, recompute_tokens: int,

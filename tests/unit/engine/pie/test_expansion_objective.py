@@ -83,18 +83,18 @@ def test_a_probe_that_would_not_pay_to_undo_is_kept() -> None:
 
 
 def test_stalls_send_a_jump_back_where_it_came_from_and_probes_become_rare() -> None:
-    """Copies that cannot hide (a throttled link): every m > 0 stalls. A stalling jump returns to its origin in one
-    step (one preemption, not one per layer) after two stalled iterations, nothing above the origin is tried for the
-    ceiling's ttl, and back-offs double it."""
+    """Copies that cannot hide (a throttled link): every m > 0 stalls. A stalling grow returns to its origin in one
+    step (one preemption, not one per layer) after the change's own iteration and two stalled ones, cooldown or not;
+    nothing above the origin is tried for 4x the ceiling's ttl, then 8x."""
     ctrl = ExpansionController(GEO)
     hist = closed_loop(ctrl, 4000, lambda m: 0.0 if m == 0 else 0.5, stall_share=1.0)
     steps = steps_of(hist)
     assert all(b == 0 for a, b in zip(steps, steps[1:], strict=False) if b < a)  # every back-off goes to 0
     cfg = ctrl.config
-    probes = [m for m in steps if m > 0]
-    assert sum(1 for m in hist if m > 0) == len(probes) * (cfg.cooldown + cfg.probe_stall_iterations), steps
-    # ttl 500, 1000, 2000 after each back-off: 3 or 4 probes in 4000 iterations, not one per 500
-    assert 3 <= len(probes) <= 4 and "probe stalls" in ctrl.changes[-1][2]
+    grows = [m for m in steps if m > 0]
+    assert sum(1 for m in hist if m > 0) == len(grows) * (1 + cfg.probe_stall_iterations), steps
+    assert len(grows) == 2 and "grow stalls" in ctrl.changes[-1][2]  # at ~20 and ~2020; the next at ~6020
+    assert ctrl.state()["ceiling"] == 1
 
 
 def test_a_slower_jump_is_halved_next_time() -> None:
@@ -134,7 +134,12 @@ def test_speed_table_batches_consecutive_iterations_at_one_m_and_compares_like_l
     assert t.estimate(1, 8 + 100) is None  # forgotten after ttl
     assert t.estimate(1, 8, since=8) is None  # only batches closed after a given iteration
     assert t.best_below(2, 8) == (1, est) and t.best_below(1, 8) is None
-    assert t.estimate(1, 8, load=4.9) == est and t.estimate(1, 8, load=6.0) is None  # 6 vs 4: not like loads
+    assert t.estimate(1, 8, at=(4.9, None)) == est and t.estimate(1, 8, at=(6.0, None)) is None  # 6 vs 4: unlike
+    # Context per sampled token tells a young server (short contexts) from a steady one at the same request count.
+    young = SpeedTable(batch=1, ttl=100)
+    young.add(0, 1, 10, 1.0, 5, 500)
+    young.add(0, 2, 10, 1.0, 5, 500)  # 50 tokens of context per sampled token
+    assert young.estimate(0, 2, at=(5.0, 55.0)) is not None and young.estimate(0, 2, at=(5.0, 120.0)) is None
 
 
 def test_better_needs_margin_and_confidence() -> None:

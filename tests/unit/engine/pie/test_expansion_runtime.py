@@ -7,6 +7,8 @@ the same values) and across every reconfiguration the controller makes.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -33,7 +35,9 @@ def value(layer: int, seq_id: int, pos: torch.Tensor) -> torch.Tensor:
     return base.float().view(1, -1, 1, 1).expand(2, -1, HEADS, DIM) + torch.tensor([0.0, 0.5]).view(2, 1, 1, 1)
 
 
-def run_step(kv: KVCache, sched: Scheduler, pie: ExpansionRuntime, seconds: float) -> StepPlan:
+def run_step(kv: KVCache, sched: Scheduler, pie: ExpansionRuntime, seconds: float | None) -> StepPlan:
+    """One engine step on the toy model; the controller is told ``seconds`` (None: the step's real time)."""
+    t0 = time.perf_counter()
     plan = sched.schedule()
     if plan.is_empty:
         return plan
@@ -56,7 +60,7 @@ def run_step(kv: KVCache, sched: Scheduler, pie: ExpansionRuntime, seconds: floa
         kv.end_layer(layer)
     kv.end_step()
     sched.update(plan, [1] * sum(s.sample for s in plan.scheduled))
-    pie.after_step(plan, seconds)
+    pie.after_step(plan, time.perf_counter() - t0 if seconds is None else seconds)
     return plan
 
 
@@ -142,6 +146,27 @@ def test_the_controller_measures_speed_from_real_steps() -> None:
     assert est.mean <= sched.config.max_num_seqs / 0.01 / 6
     assert ctrl.recompute_tokens(ctrl.m) == 0  # nothing lies beyond the current capacity
     assert ctrl.recompute_tokens(0) == sched.tokens_to_recompute(kv.capacity_blocks(0))
+    kv.close()
+
+
+def test_copies_that_cannot_hide_send_adaptive_back_to_no_swap() -> None:
+    """Safety: every KV copy throttled to a link far too slow to hide behind compute (the benchmarks' PCIe-like
+    throttle, scaled down to the toy model). Adaptive probes once under the load, sees the probe stall, goes back
+    to m = 0 in one step with the KV intact, and does not probe again within the ceiling's ttl."""
+    kv, sched, pie = setup("adaptive", ControllerConfig(window=2, cooldown=1, speed_batch=2, idle_shrink=False,
+                                                        baseline_min_samples=2, baseline_min_held_out=1),
+                           swap_link_bytes_per_s=2e5)
+    ctrl = pie.controller
+    assert ctrl is not None
+    add_requests(sched, 30)
+    history = []
+    while sched.has_unfinished():
+        run_step(kv, sched, pie, None)
+        history.append(kv.layers_on_host)
+        assert sched.block_manager.num_blocks == kv.num_blocks
+    assert history[-1] == 0 and ctrl.num_grows == 1 and ctrl.num_shrinks == 1, ctrl.changes
+    assert "stall" in ctrl.changes[-1][2]
+    assert sum(1 for m in history if m > 0) <= ctrl.config.cooldown + ctrl.config.probe_stall_iterations + 1
     kv.close()
 
 
