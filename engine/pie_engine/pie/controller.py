@@ -199,7 +199,8 @@ class ExpansionController:
         if wanted <= smaller or here is None:
             return None
         at = self.evidence.conditions()
-        below = self.speeds.best_below(self.m, self._iteration, at)
+        # NOTE: a reference of a few batches is mostly the transient after the change it followed.
+        below = self.speeds.best_below(self.m, self._iteration, at, min_batches=cfg.probe_batches)
         here_now = self.speeds.estimate(self.m, self._iteration, at)
         if below is not None and here_now is not None and better(below[1], here_now, cfg.epsilon, cfg.probe_z):
             return None  # a smaller m was measurably faster at this load: the capacity is not worth its overhead

@@ -48,7 +48,7 @@ class ControllerConfig:
     confirm_window: int = 64
     clear_factor: float = 2.0
     # Overhead that buys KV capacity the load needs is left to the speed to judge (probes), up to this times epsilon.
-    gross_factor: float = 4.0
+    gross_factor: float = 8.0
     cooldown: int = 4  # iterations ignored after a change (pipeline refill, migration)
     demand_fraction: float = 0.5  # share of the window's iterations that must show demand to grow
     # A grow goes at once to the smallest m whose capacity holds this times the KV wanted in the window (when that

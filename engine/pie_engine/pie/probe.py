@@ -96,9 +96,12 @@ class SpeedTable:
         var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
         return Estimate(mean, math.sqrt(var / len(values)), len(values))
 
-    def best_below(self, m: int, now: int, at: Conditions | None = None) -> tuple[int, Estimate] | None:
-        """The measured m' < m with the highest speed (under conditions like ``at``), if any."""
-        found = [(k, e) for k in self._batches if k < m and (e := self.estimate(k, now, at)) is not None]
+    def best_below(self, m: int, now: int, at: Conditions | None = None, min_batches: int = 2
+                   ) -> tuple[int, Estimate] | None:
+        """The m' < m measured in at least ``min_batches`` batches (under conditions like ``at``) with the highest
+        speed, if any."""
+        found = [(k, e) for k in self._batches if k < m and (e := self.estimate(k, now, at)) is not None
+                 and e.n >= min_batches]
         return max(found, key=lambda ke: ke[1].mean, default=None)
 
 
