@@ -229,7 +229,9 @@ def median_tok_s(model_entry: dict, workload: str, cfg: str) -> float:
 
 CAVEAT = ("A CPU \"device\" says nothing of GPU copy costs: here both tiers are RAM and the copy threads share the "
           "cores and memory bandwidth with compute (and with the HTTP server); on a GH200 the copies run on copy "
-          "engines over NVLink-C2C, on an H100 over PCIe.")
+          "engines over NVLink-C2C, on an H100 over PCIe. Wall clock on a shared 2-vCPU machine: identical runs "
+          "differed by up to 40% (off, tiny, throttled: 364-512 tok/s in three interleaved runs), so a ratio near 1 "
+          "from few rounds does not resolve a few percent (docs/pie.md).")
 
 
 def summary_table(result: dict) -> list[str]:
