@@ -33,6 +33,7 @@ from bench.common import (
     setup_torch,
     workload,
 )
+from bench.served_client import stream_completion, timing_record
 
 
 def start_server(path: Path, max_num_seqs: int) -> tuple[subprocess.Popen, str]:
@@ -59,28 +60,7 @@ def start_server(path: Path, max_num_seqs: int) -> tuple[subprocess.Popen, str]:
 
 async def _one(client: httpx.AsyncClient, url: str, req: Request, t0: float) -> dict:
     await asyncio.sleep(max(0.0, t0 + req.arrival - time.perf_counter()))
-    sent = time.perf_counter()
-    body = {"model": "bench", "prompt": req.prompt_token_ids, "max_tokens": req.max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    times, tokens = [], 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("choices"):
-                times.append(time.perf_counter())
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-    return _record(sent, times, tokens)
-
-
-def _record(sent: float, token_times: list[float], tokens: int) -> dict:
-    ttft = token_times[0] - sent
-    e2e = token_times[-1] - sent
-    return {"ttft": ttft, "e2e": e2e, "tpot": (e2e - ttft) / max(tokens - 1, 1), "tokens": tokens,
-            "itl": [b - a for a, b in zip(token_times, token_times[1:], strict=False)]}
+    return timing_record(*await stream_completion(client, url, req))
 
 
 async def drive_server(url: str, reqs: list[Request]) -> tuple[list[dict], float]:
@@ -109,7 +89,7 @@ def drive_hf(model, reqs: list[Request], batch_size: int) -> tuple[list[dict], f
         hf_generate_batch(model, reqs[i:j], on_step=lambda steps=steps: steps.append(time.perf_counter()))
         for k in range(i, j):
             n = reqs[k].max_tokens
-            recs[k] = _record(t0 + reqs[k].arrival, steps[:n], n)  # its tokens are the batch's first n steps
+            recs[k] = timing_record(t0 + reqs[k].arrival, steps[:n], n)  # its tokens are the batch's first n steps
         i = j
     return recs, time.perf_counter() - t0
 

@@ -78,9 +78,9 @@ def server(config: dict[str, Any], log_level: str = "warning") -> Iterator[tuple
         Path(f.name).unlink(missing_ok=True)
 
 
-async def _one(client: httpx.AsyncClient, url: str, req: Request) -> dict:
+async def stream_completion(client: httpx.AsyncClient, url: str, req: Request) -> tuple[float, list[float], int]:
     """One streaming completion with a fixed output length (``ignore_eos``: the random model's EOS cannot end it
-    early), timed from sending to each stream event."""
+    early): (time sent, time of each stream event carrying text, completion tokens). Shared with online_serving."""
     body = {"model": "bench", "prompt": req.prompt_token_ids, "max_tokens": req.max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     times: list[float] = []
@@ -96,11 +96,20 @@ async def _one(client: httpx.AsyncClient, url: str, req: Request) -> dict:
                 times.append(time.perf_counter())
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
+    return sent, times, tokens
+
+
+def timing_record(sent: float, times: list[float], tokens: int) -> dict:
+    """TTFT, e2e, TPOT and ITL of one request. An event can carry several tokens (or none: a partial character),
+    so TPOT uses the token count and ITL is the gap between events, what a user's screen shows."""
     ttft, e2e = times[0] - sent, times[-1] - sent
-    # An event can carry several tokens (or none: a partial character), so TPOT uses the token count and ITL is
-    # the gap between events, what a user's screen shows.
     return {"ttft": ttft, "e2e": e2e, "tpot": (e2e - ttft) / max(tokens - 1, 1), "tokens": tokens,
-            "events": len(times), "itl": [b - a for a, b in zip(times, times[1:], strict=False)]}
+            "itl": [b - a for a, b in zip(times, times[1:], strict=False)]}
+
+
+async def _one(client: httpx.AsyncClient, url: str, req: Request) -> dict:
+    sent, times, tokens = await stream_completion(client, url, req)
+    return {**timing_record(sent, times, tokens), "events": len(times)}
 
 
 async def _poll(client: httpx.AsyncClient, url: str, t0: float, stop: asyncio.Event) -> list[list]:
