@@ -110,8 +110,8 @@ def patch(k8s: Cluster, ns: str, name: str, spec: dict[str, Any]) -> None:
     k8s.kubectl("patch", "-n", ns, "pied", name, "--type=merge", "-p", json.dumps({"spec": spec}))
 
 
-def apply_loop(k8s: Cluster, ns: str, operator: Operator, replicas: int) -> dict[str, Any]:
-    k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(deployment(LOOP, replicas)))
+def apply_loop(k8s: Cluster, ns: str, operator: Operator, replicas: int, **spec: Any) -> dict[str, Any]:
+    k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(deployment(LOOP, replicas, **spec)))
     return wait_for(lambda: ready(k8s, ns, LOOP, replicas), f"loop Ready with {replicas} healthy engine(s)",
                     timeout=90, op=operator)
 
@@ -120,6 +120,15 @@ def apply_loop(k8s: Cluster, ns: str, operator: Operator, replicas: int) -> dict
 def loop1(k8s: Cluster, ns: str, operator: Operator, fleet: EngineFleet) -> dict[str, Any]:
     """`loop` with one pod, Ready behind a healthy engine."""
     return apply_loop(k8s, ns, operator, 1)
+
+
+@pytest.fixture
+def loop1_static(k8s: Cluster, ns: str, operator: Operator, fleet: EngineFleet) -> dict[str, Any]:
+    """`loop` with one pod at a fixed expansion ratio (4): the engine's GPU budget recommendation then depends on
+    the budget and the load only. Under adaptive it also moves with m, which a budget change can itself move, so a
+    test comparing the operator's decision with the engine's recommendation read afterwards would race."""
+    memory = deployment(LOOP, 1)["spec"]["memory"] | {"expansion": {"mode": "static", "ratio": 4.0}}
+    return apply_loop(k8s, ns, operator, 1, memory=memory)
 
 
 @pytest.fixture
@@ -208,7 +217,7 @@ def test_memory_comes_back_down_when_the_load_stops(k8s: Cluster, ns: str, opera
 
 
 def test_gpu_budget_follows_the_engine_live(k8s: Cluster, ns: str, operator: Operator,
-                                            loop1: dict[str, Any]) -> None:
+                                            loop1_static: dict[str, Any]) -> None:
     """GPU tuning: the budget is applied through the engine's admin endpoint, without a restart -- raised to a new
     minimum (Bounds), then down to the engine's own recommendation (Metrics), then to a plain spec value (Spec)."""
     (pod,) = pods(k8s, ns, LOOP)
