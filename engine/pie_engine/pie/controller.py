@@ -24,6 +24,7 @@ from pie_engine.pie.controller_config import (
     IterationSample,
     layers_for_ratio,
 )
+from pie_engine.pie.demand import PeakDemand, device_bytes_for, host_bytes_for
 from pie_engine.pie.evidence import Entry, Evidence, Terms, max_term, mean_iteration
 from pie_engine.pie.geometry import SwapGeometry
 from pie_engine.pie.probe import Probe, SpeedTable, better, shrink_pays
@@ -46,8 +47,7 @@ class ExpansionController:
         self.evidence = Evidence(cfg)
         self.baseline = self.evidence.baseline
         self._idle: deque[tuple[int, bool]] = deque(maxlen=cfg.idle_window)
-        self._peak: deque[tuple[int, int]] = deque()  # (iteration, wanted), decreasing: a sliding-window max
-        self.peak_blocks = 0  # observed peak KV demand, blocks per layer, over the last peak_window iterations
+        self.peak = PeakDemand(cfg.peak_window)  # KV demand, blocks per layer, over the last peak_window iterations
         self._cooldown = 0
         self._iteration = 0
         self._ceiling: tuple[int, int] | None = None  # (forbidden m and above, until iteration)
@@ -68,6 +68,8 @@ class ExpansionController:
         self.last_decision = "start"
         self.m = self._target_static() if mode == "static" else 0
         self._previous_m = 0  # the m before the last change (what reject() returns to)
+        self.reconfigure_seconds = 0.0  # the slowest of the last re-layouts (note_reconfigure): part of a change's cost
+        self._reconfigures: deque[float] = deque(maxlen=4)
 
     @classmethod
     def from_setting(cls, expansion: str, geometry: SwapGeometry, host_memory_limit: int | None = None,
@@ -93,7 +95,7 @@ class ExpansionController:
         self._iteration += 1
         cap = self.geometry.capacity_blocks(self.m)
         demand = s.num_waiting > 0 or s.num_preempted > 0 or s.blocks_in_use >= cfg.usage_high * cap
-        self._track_peak(s.wanted)
+        self.peak.add(self._iteration, s.wanted)
         self._idle.append((s.wanted, demand))
         if self.mode != "adaptive":
             self.m = 0 if self.mode == "off" else self._target_static()
@@ -227,8 +229,9 @@ class ExpansionController:
             return None
         tokens = self.recompute_tokens(probe.origin)
         per_token = sum(s.iteration_seconds for s, _, _ in window) / max(1, sum(s.num_tokens for s, _, _ in window))
-        if not shrink_pays(origin.mean, here.mean, cfg.payback_seconds, tokens, per_token):
-            self.last_decision = f"probe of m = {self.m} slower, but undoing it would not pay ({tokens} tokens)"
+        if not shrink_pays(origin.mean, here.mean, cfg.payback_seconds, tokens, per_token, self.reconfigure_seconds):
+            self.last_decision = (f"probe of m = {self.m} slower, but undoing it would not pay ({tokens} tokens, "
+                                  f"{self.reconfigure_seconds * 1e3:.0f} ms to re-lay out)")
             return None
         return self._back_off(f"probe: speed {here.mean / origin.mean:.2f}x that of m = {probe.origin}", probe)
 
@@ -290,15 +293,6 @@ class ExpansionController:
             self._probe = self._grown = None  # needed, not tried: neither a verdict nor a stall may undo it
         return self.m
 
-    def _track_peak(self, wanted: int) -> None:
-        # NOTE: kept as a plain number so a metrics scrape on another thread never iterates a deque being changed.
-        while self._peak and self._peak[-1][1] <= wanted:
-            self._peak.pop()
-        self._peak.append((self._iteration, wanted))
-        while self._peak[0][0] <= self._iteration - self.config.peak_window:
-            self._peak.popleft()
-        self.peak_blocks = self._peak[0][1]
-
     def _change(self, m: int, reason: str) -> int:
         if m > self.m:
             self.num_grows += 1
@@ -320,6 +314,12 @@ class ExpansionController:
         self._idle.clear()
         self.speeds.break_batch()
         self._cooldown = self.config.cooldown
+
+    def note_reconfigure(self, seconds: float) -> None:
+        """The engine moved its KV to a new m in ``seconds`` (wall, no step ran meanwhile). The cost of undoing a
+        probe counts the slowest of the last few: a re-layout's time varies with the KV in use."""
+        self._reconfigures.append(seconds)
+        self.reconfigure_seconds = max(self._reconfigures)
 
     def reject(self, m: int) -> int:
         """The engine could not apply ``m`` (e.g. host allocation failed) and stays where it was: a larger m is
@@ -352,20 +352,21 @@ class ExpansionController:
 
     # -------------------------------------------------------------------------------------------- reporting
     @property
+    def peak_blocks(self) -> int:
+        """Observed peak KV demand, blocks per layer, over the last ``peak_window`` iterations."""
+        return self.peak.blocks
+
+    @property
     def recommended_host_memory_bytes(self) -> int:
-        """Host KV needed at the current (settled) m for the peak demand: H(m) * min(D, C(m)) * block bytes."""
-        g, m = self.geometry, self.m
-        need = g.num_host_backed(m) * min(self.peak_blocks, g.capacity_blocks(m)) * g.layer_block_bytes
-        return math.ceil(self.config.headroom * need)
+        """Host KV needed at the current (settled) m for the peak demand."""
+        return host_bytes_for(self.geometry, self.m, self.peak.blocks, self.config.headroom)
 
     @property
     def recommended_gpu_memory_bytes(self) -> int:
-        """Smallest device KV budget that holds the peak demand at the largest m known to be transparent:
-        (n - m_t) * D * block bytes (m_t: below the last m that caused overhead, else the current m)."""
-        g = self.geometry
+        """Smallest device KV budget that holds the peak demand at the largest m known to be transparent (below
+        the last m that caused overhead, else the current m)."""
         m_t = self.m if self.transparent_limit is None or self.mode != "adaptive" else self.transparent_limit
-        need = g.num_slots(m_t) * self.peak_blocks * g.layer_block_bytes
-        return math.ceil(self.config.headroom * need)
+        return device_bytes_for(self.geometry, m_t, self.peak.blocks, self.config.headroom)
 
     def state(self) -> dict:
         g, cfg = self.geometry, self.config
@@ -380,7 +381,8 @@ class ExpansionController:
             "transparent_limit": self.transparent_limit, "num_grows": self.num_grows,
             "num_shrinks": self.num_shrinks, "baseline_samples": self.baseline.num_samples,
             "baseline_error": self.baseline.error(),
-            "peak_blocks": self.peak_blocks, "host_memory_limit": self.host_memory_limit,
+            "peak_blocks": self.peak_blocks, "reconfigure_seconds": self.reconfigure_seconds,
+            "host_memory_limit": self.host_memory_limit,
             "recommended_host_memory_bytes": self.recommended_host_memory_bytes,
             "recommended_gpu_memory_bytes": self.recommended_gpu_memory_bytes,
         }

@@ -117,8 +117,10 @@ def _alike(a: Conditions, b: Conditions) -> bool:
 
 
 def shrink_pays(faster: float, slower: float, horizon_seconds: float, recompute_tokens: int,
-                seconds_per_token: float) -> bool:
+                seconds_per_token: float, reconfigure_seconds: float = 0.0) -> bool:
     """Does moving from the ``slower`` m back to the ``faster`` one gain more output than it costs? The gain is
     ``(faster - slower) * horizon`` (speeds in output tokens per second, at the same load); the cost is the output
-    lost while the preempted sequences' ``recompute_tokens`` are computed again at ``seconds_per_token``."""
-    return (faster - slower) * horizon_seconds > recompute_tokens * seconds_per_token * faster
+    lost while the preempted sequences' ``recompute_tokens`` are computed again at ``seconds_per_token``, and while
+    the engine re-lays its KV out (``reconfigure_seconds``, measured on the last changes: no step runs meanwhile)."""
+    lost_seconds = recompute_tokens * seconds_per_token + reconfigure_seconds
+    return (faster - slower) * horizon_seconds > lost_seconds * faster

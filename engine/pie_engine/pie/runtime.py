@@ -171,7 +171,9 @@ class ExpansionRuntime(KVRuntime):
                          "more than the %d that m = %d gives", kv.layers_on_host, need, c_new, m)
                 self.controller.reject(m)
                 return []
+            t0 = time.perf_counter()
             preempted = self._resize(c_new, lambda keep: kv.set_layers_on_host(m, keep_blocks=keep))
+            self.controller.note_reconfigure(time.perf_counter() - t0)
         except (ValueError, RuntimeError) as e:
             log.warning("expansion: cannot move to %d layers on host (%s); staying at %d", m, e, kv.layers_on_host)
             self.controller.reject(m)

@@ -82,6 +82,20 @@ def test_a_probe_that_would_not_pay_to_undo_is_kept() -> None:
     assert "would not pay" in ctrl.last_decision or ctrl.last_decision == "hold"
 
 
+@pytest.mark.parametrize("relayout_seconds", [0.0, 30.0])
+def test_the_time_to_re_lay_out_the_kv_counts_against_undoing_a_probe(relayout_seconds: float) -> None:
+    """A slower top m with nothing to recompute: undone while re-laying the KV out is quick, kept once the engine
+    measured re-layouts slower than what going back would gain over the payback horizon."""
+    ctrl = ExpansionController(GEO, config=ControllerConfig(payback_seconds=10.0))
+    ctrl.note_reconfigure(relayout_seconds)
+    hist = closed_loop(ctrl, 800, lambda m: 0.6 if m == 7 else 0.0, requests=40, excess_share=None)
+    assert 7 in hist
+    if relayout_seconds:
+        assert ctrl.num_shrinks == 0 and hist[-1] == 7, ctrl.changes
+    else:
+        assert ctrl.num_shrinks >= 1 and "probe" in ctrl.changes[-1][2], ctrl.changes
+
+
 def test_stalls_send_a_jump_back_where_it_came_from_and_probes_become_rare() -> None:
     """Copies that cannot hide (a throttled link): every m > 0 stalls. A stalling grow returns to its origin in one
     step (one preemption, not one per layer) after the change's own iteration and two stalled ones, cooldown or not;
@@ -154,6 +168,7 @@ def test_shrink_pays_counts_the_recomputation() -> None:
     assert shrink_pays(100.0, 90.0, 60.0, 1000, 0.001)
     assert not shrink_pays(100.0, 90.0, 60.0, 10_000, 0.001)  # 1000 tokens lost > 600 gained
     assert not shrink_pays(100.0, 100.0, 60.0, 0, 0.001)  # nothing to gain
+    assert not shrink_pays(100.0, 90.0, 60.0, 0, 0.001, reconfigure_seconds=7.0)  # 700 tokens not made > 600
 
 
 def test_config_rejects_bad_objective_settings() -> None:
