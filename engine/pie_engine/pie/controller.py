@@ -27,7 +27,7 @@ from pie_engine.pie.controller_config import (
 from pie_engine.pie.demand import PeakDemand, device_bytes_for, host_bytes_for
 from pie_engine.pie.evidence import Entry, Evidence, Terms, max_term, mean_iteration
 from pie_engine.pie.geometry import SwapGeometry
-from pie_engine.pie.probe import Probe, SpeedTable, better, shrink_pays
+from pie_engine.pie.probe import Ceiling, Probe, SpeedTable, better, shrink_pays
 
 
 class ExpansionController:
@@ -50,7 +50,7 @@ class ExpansionController:
         self.peak = PeakDemand(cfg.peak_window)  # KV demand, blocks per layer, over the last peak_window iterations
         self._cooldown = 0
         self._iteration = 0
-        self._ceiling: tuple[int, int] | None = None  # (forbidden m and above, until iteration)
+        self.ceiling = Ceiling(cfg.ceiling_ttl, cfg.max_ceiling_backoff)
         self.transparent_limit: int | None = None  # highest m known transparent below an overhead-causing one
         self.overhead = self.stall_fraction = 0.0
         self.overheads: dict[str, float | None] = {"stall": 0.0, "excess": None, "baseline": None}
@@ -63,7 +63,6 @@ class ExpansionController:
         self.recompute_tokens: Callable[[int], int] = recompute_tokens or (lambda m: 0)
         self._probe: Probe | None = None
         self._grown: tuple[int, int, int] | None = None  # the last grow (origin, iteration, stalled iterations since)
-        self._backoffs = 0  # back-offs since the last kept probe: lengthens the ceiling's ttl
         self._hold_reason = "hold"  # what last_decision says when an update changes nothing
         self.last_decision = "start"
         self.m = self._target_static() if mode == "static" else 0
@@ -112,15 +111,13 @@ class ExpansionController:
             return self.m
         window = self.evidence.last()
         self.overhead, self.overheads, self.stall_fraction = Evidence.measure(window, self.m)
-        if self._ceiling is not None and self._iteration >= self._ceiling[1]:
-            self._ceiling = None  # load may have changed: allow probing again
         self._hold_reason = "hold"
         if self.m > 0 and (verdict := self._guard()) is not None:
             return verdict
         if self._probe is not None and (verdict := self._judge_probe(window)) is not None:
             return verdict
         demand_share = sum(d for _, _, d in window) / len(window)
-        ceiling = self._ceiling[0] if self._ceiling is not None else self.geometry.num_layers
+        ceiling = self.ceiling.limit(self._iteration, self.geometry.num_layers)
         # NOTE: leave m = 0 only with a usable baseline whose error is known, or overhead that is not a stall would
         # go unseen.
         baseline_ready = self.m > 0 or self.baseline.error() is not None
@@ -223,7 +220,7 @@ class ExpansionController:
         self._probe = None
         origin = self.speeds.estimate(probe.origin, self._iteration, at)
         if origin is None or not better(origin, here, cfg.epsilon, cfg.probe_z):
-            self._backoffs = 0
+            self.ceiling.kept()
             ratio = "" if origin is None else f": speed {here.mean / origin.mean:.2f}x that of m = {probe.origin}"
             self.last_decision = f"probe of m = {self.m} kept{ratio}"
             return None
@@ -237,19 +234,15 @@ class ExpansionController:
 
     def _back_off(self, reason: str, probe: Probe | None = None, whole: bool = False) -> int:
         """Shrink: to where a probe came from (a jump that went wrong), else by one layer. The m left stays
-        forbidden (above the probe's midpoint: a jump halves its range next time; ``whole``: all of the probe's
-        range) for ``ceiling_ttl``, doubled
-        with every back-off since the last kept probe up to ``max_ceiling_backoff`` times."""
-        cfg = self.config
+        forbidden for a while (probe.Ceiling): above the probe's midpoint (a jump halves its range next time), or
+        with ``whole`` all of the probe's range."""
         probe = probe or self._probe
         if probe is not None and probe.target == self.m:
             target = probe.origin
             forbidden = probe.origin + 1 if whole else max(probe.origin + 1, (probe.origin + self.m) // 2 + 1)
         else:
             target, forbidden = self.m - 1, self.m
-        # A grow that stalls outright is strong evidence: its ceiling starts at 4 ttl (3 back-offs' worth).
-        self._backoffs = min(max(self._backoffs + 1, 3 if whole else 0), cfg.max_ceiling_backoff)
-        self._ceiling = (forbidden, self._iteration + cfg.ceiling_ttl * 2 ** (self._backoffs - 1))
+        self.ceiling.back_off(forbidden, self._iteration, strong=whole)
         self.transparent_limit = target
         return self._change(target, reason)
 
@@ -377,7 +370,7 @@ class ExpansionController:
             "stall_fraction": self.stall_fraction, "overheads": dict(self.overheads), "epsilon": cfg.epsilon,
             "grow_overhead": cfg.grow_overhead,
             "last_decision": self.last_decision, "recent_changes": [list(c) for c in self.changes],
-            "ceiling": None if self._ceiling is None else self._ceiling[0],
+            "ceiling": self.ceiling.value,
             "transparent_limit": self.transparent_limit, "num_grows": self.num_grows,
             "num_shrinks": self.num_shrinks, "baseline_samples": self.baseline.num_samples,
             "baseline_error": self.baseline.error(),

@@ -116,6 +116,33 @@ def _alike(a: Conditions, b: Conditions) -> bool:
     return all(x is None or y is None or 1 / LOAD_MATCH <= x / y <= LOAD_MATCH for x, y in zip(a, b, strict=True))
 
 
+class Ceiling:
+    """The m at and above which nothing is tried, for a while, after a back-off: ``ttl`` iterations, doubled with
+    every back-off since the last kept probe up to ``max_backoff`` times, so the controller settles instead of
+    oscillating; expired, it lets the controller probe again (the load may have changed)."""
+
+    def __init__(self, ttl: int, max_backoff: int) -> None:
+        self.ttl, self.max_backoff = ttl, max_backoff
+        self.value: int | None = None  # forbidden m and above; None: nothing forbidden
+        self._until = 0
+        self._backoffs = 0
+
+    def limit(self, iteration: int, default: int) -> int:
+        """The lowest forbidden m now (``default`` when none)."""
+        if self.value is not None and iteration >= self._until:
+            self.value = None
+        return default if self.value is None else self.value
+
+    def back_off(self, forbidden: int, iteration: int, strong: bool) -> None:
+        """Forbid ``forbidden`` and above. ``strong`` evidence (a grow that stalled outright) starts at 4 ttl."""
+        self._backoffs = min(max(self._backoffs + 1, 3 if strong else 0), self.max_backoff)
+        self.value, self._until = forbidden, iteration + self.ttl * 2 ** (self._backoffs - 1)
+
+    def kept(self) -> None:
+        """A probe was kept: the next back-off starts from one ttl again."""
+        self._backoffs = 0
+
+
 def shrink_pays(faster: float, slower: float, horizon_seconds: float, recompute_tokens: int,
                 seconds_per_token: float, reconfigure_seconds: float = 0.0) -> bool:
     """Does moving from the ``slower`` m back to the ``faster`` one gain more output than it costs? The gain is

@@ -12,7 +12,7 @@ import pytest
 from pie_engine.pie.controller import ExpansionController
 from pie_engine.pie.controller_config import ControllerConfig, IterationSample
 from pie_engine.pie.geometry import SwapGeometry
-from pie_engine.pie.probe import Estimate, SpeedTable, better, shrink_pays
+from pie_engine.pie.probe import Ceiling, Estimate, SpeedTable, better, shrink_pays
 
 N = 8
 GEO = SwapGeometry(num_layers=N, pool_blocks=N * 100, num_staging=2, layer_block_bytes=1000)  # C: 100 .. 800
@@ -169,6 +169,21 @@ def test_shrink_pays_counts_the_recomputation() -> None:
     assert not shrink_pays(100.0, 90.0, 60.0, 10_000, 0.001)  # 1000 tokens lost > 600 gained
     assert not shrink_pays(100.0, 100.0, 60.0, 0, 0.001)  # nothing to gain
     assert not shrink_pays(100.0, 90.0, 60.0, 0, 0.001, reconfigure_seconds=7.0)  # 700 tokens not made > 600
+
+
+def test_ceiling_ttl_doubles_with_repeated_back_offs_and_resets_when_a_probe_is_kept() -> None:
+    c = Ceiling(ttl=10, max_backoff=4)
+    assert c.limit(0, 8) == 8  # nothing forbidden
+    c.back_off(5, iteration=0, strong=False)
+    assert c.limit(9, 8) == 5 and c.limit(10, 8) == 8  # one ttl
+    c.back_off(5, iteration=10, strong=False)
+    assert c.limit(29, 8) == 5 and c.limit(30, 8) == 8  # the second back-off in a row: two ttl
+    c.kept()
+    c.back_off(3, iteration=30, strong=True)  # a grow that stalled outright starts at four ttl
+    assert c.limit(69, 8) == 3 and c.limit(70, 8) == 8
+    for i in range(10):
+        c.back_off(3, iteration=100, strong=False)
+    assert c.limit(100 + 10 * 2**3 - 1, 8) == 3 and c.limit(100 + 10 * 2**3, 8) == 8  # capped at max_backoff
 
 
 def test_config_rejects_bad_objective_settings() -> None:
