@@ -181,7 +181,7 @@ def test_ceiling_ttl_doubles_with_repeated_back_offs_and_resets_when_a_probe_is_
     c.kept()
     c.back_off(3, iteration=30, strong=True)  # a grow that stalled outright starts at four ttl
     assert c.limit(69, 8) == 3 and c.limit(70, 8) == 8
-    for i in range(10):
+    for _ in range(10):
         c.back_off(3, iteration=100, strong=False)
     assert c.limit(100 + 10 * 2**3 - 1, 8) == 3 and c.limit(100 + 10 * 2**3, 8) == 8  # capped at max_backoff
 
