@@ -34,6 +34,7 @@ HISTOGRAM = "pie_iteration_seconds"
 REQUIRED = (*GAUGES, *COUNTERS, f"{HISTOGRAM}_sum", f"{HISTOGRAM}_count")
 MAX_BODY = 4 * 2**20  # an engine's /metrics is a few KiB; anything this large is not an engine
 ADMIN_PATH = "/v1/pie/admin/gpu-memory-budget"
+PROBE_OK = "ok"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Observation:
     at: float
     metrics: EngineMetrics | None = None
     error: str = ""
+    probe: str = ""  # the probe completion (see `probe`): "" none sent, PROBE_OK, else why it failed
 
     @property
     def ok(self) -> bool:
