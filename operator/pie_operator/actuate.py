@@ -84,6 +84,7 @@ def act(kube: Kube, snap: Snapshot, plan: ReconcilePlan, *, set_budget: SetBudge
     for g in plan.gpu:
         _gpu(g, set_budget(g.ip, g.port, token, g.bytes), history, stamp, out)
     if not out.requeue:
+        _serving(kube, body, plan.serving)  # before the Service: an upgraded selector finds its pods labelled
         for obj in plan.apply:
             kube.apply(obj)
         _execute(kube, body, plan.steps, plan.new_pod, out)
@@ -115,10 +116,21 @@ def _gpu(g: GpuLive, res: AdminResult, history: History, stamp: str, out: Outcom
     history.add(Record(c.pod, "gpuMemoryBudget", c.old, c.new, c.reason, c.message, via))
 
 
+def _serving(kube: Kube, body: dict[str, Any], serving: dict[str, bool]) -> None:
+    """Traffic follows the gate: label the pods the Service may route to, unlabel the others (removals first)."""
+    for pod, on in sorted(serving.items(), key=lambda kv: kv[1]):
+        if kube.label_pod(body["metadata"]["namespace"], pod, {builders.SERVING_LABEL: "true" if on else None}):
+            log.info("pod %s %s traffic", pod, "takes" if on else "no longer takes")
+
+
 def _execute(kube: Kube, body: dict[str, Any], steps: Plan, new_pod: dict[str, Any], out: Outcome) -> None:
     """Deletions (uid precondition) then creations of the rollout/scaling plan."""
     ns = body["metadata"]["namespace"]
     out.pods_changed = out.pods_changed or not steps.empty
+    for stuck in steps.stuck:
+        kube.post_event(body, "Warning", "ReplacingStuckPod",
+                        f"pod {stuck} is still Terminating long after its grace period (its node may be lost, or a "
+                        "finalizer holds it): creating its replacement, which may stay Pending until its GPU is free")
     for d in steps.delete:
         if kube.delete_pod(ns, d.name, d.uid):
             out.deleted.append(d.name)

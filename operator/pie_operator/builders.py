@@ -17,6 +17,9 @@ from pie_operator.spec import API_VERSION, KIND, PieDeploymentSpec
 NAME_LABEL, INSTANCE_LABEL, MANAGED_BY_LABEL = "app.kubernetes.io/name", "app.kubernetes.io/instance", \
     "app.kubernetes.io/managed-by"
 DEPLOYMENT_LABEL, HASH_LABEL = "pie.io/deployment", "pie.io/template-hash"
+# Set (patched) by the operator on a pod once it passed its rollout gate, removed when its revision fails: the Service
+# selects on it, so traffic follows the gate. Not part of the pod template, hence not of the revision hash.
+SERVING_LABEL = "pie.io/serving"
 ENGINE_CONTAINER = "engine"
 TMP_DIR, SHM_DIR = "/tmp", "/dev/shm"
 ADMIN_DIR, ADMIN_TOKEN_KEY = "/var/run/pie/admin", "token"
@@ -213,7 +216,7 @@ def service(spec: PieDeploymentSpec, name: str, namespace: str, owner: dict[str,
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": namespace, "labels": common_labels(name), "ownerReferences": [owner]},
-        "spec": {"type": spec.service.type, "selector": selector_labels(name),
+        "spec": {"type": spec.service.type, "selector": {**selector_labels(name), SERVING_LABEL: "true"},
                  "ports": [{"name": "http", "port": spec.service.port, "targetPort": "http", "protocol": "TCP"}]},
     }
 

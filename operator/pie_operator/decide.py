@@ -19,7 +19,7 @@ from pie_operator import builders, memory
 from pie_operator.memory import initial_decision, pod_memory
 from pie_operator.planning import Plan, Pod, is_finished, is_ready, is_terminating, plan, revision
 from pie_operator.quantity import format_bytes
-from pie_operator.rollout import RolloutState, advance, baseline_stall, gate_verdict
+from pie_operator.rollout import RolloutState, advance, baseline_stall, gate_verdict, serving
 from pie_operator.scrape import Observation
 from pie_operator.snapshot import Snapshot
 from pie_operator.status import compute_status, invalid_status
@@ -84,6 +84,7 @@ class ReconcilePlan:
     steps: Plan = field(default_factory=Plan)
     new_pod: dict[str, Any] = field(default_factory=dict)
     memory: list[MemoryAction] = field(default_factory=list)
+    serving: dict[str, bool] = field(default_factory=dict)  # pod -> set (True) or remove its serving label
     events: list[Event] = field(default_factory=list)
     rollout: RolloutState | None = None
     memo: dict[str, dict[str, Any]] = field(default_factory=dict)  # pod -> status.pods[] fields to carry
@@ -130,6 +131,8 @@ def decide(snap: Snapshot) -> ReconcilePlan:
 
     surge, unavailable = spec.rollout.bounds(spec.replicas)
     passed = set(rollout.passed)
+    create_revision, create_template = target.creates()
+    routed = serving(rollout, snap.pods)
     desired = [builders.service(spec, name, namespace, owner),
                builders.config_map(spec, name, namespace, target.revision, decision, owner),
                builders.pod_disruption_budget(spec, name, namespace, owner)]
@@ -140,9 +143,12 @@ def decide(snap: Snapshot) -> ReconcilePlan:
         apply=[obj for obj in desired if not _contains(snap.owned.get(obj["kind"]), obj)],
         steps=plan(snap.pods, desired_revision=target.revision, replicas=spec.replicas, max_surge=surge,
                    max_unavailable=unavailable, replace={**tplan.replace, **gpu.replace}, hold=target.hold,
-                   gate=lambda p: is_ready(p) and p["metadata"]["name"] in passed),
-        new_pod=builders.pod(builders.with_memory(target.template, request, limit, decision.gpu_memory_budget),
-                             name, namespace, target.revision, owner),
+                   gate=lambda p: is_ready(p) and p["metadata"]["name"] in passed, now=now),
+        new_pod=builders.pod(builders.with_memory(create_template, request, limit, decision.gpu_memory_budget),
+                             name, namespace, create_revision, owner),
+        serving={p["metadata"]["name"]: want for p in snap.pods if not is_terminating(p)
+                 and (want := p["metadata"]["name"] in routed)
+                 != (p["metadata"].get("labels", {}).get(builders.SERVING_LABEL) == "true")},
         memory=[MemoryAction(Record(pod, "memory", format_bytes(c.old), format_bytes(c.new), c.reason, c.message, via),
                              tplan.resize.get(pod)) for pod, c, via in tplan.changes],
         events=_scrape_events(prev_pods, last),

@@ -92,6 +92,10 @@ class Kube(ABC):
         """Delete exactly the pod we looked at (uid precondition); False when it is already gone."""
 
     @abstractmethod
+    def label_pod(self, namespace: str, name: str, labels: dict[str, str | None]) -> bool:
+        """Merge `labels` into the pod's labels (None removes one); False when the pod is already gone."""
+
+    @abstractmethod
     def resize_pod(self, namespace: str, name: str, container: str, memory_request: str,
                    memory_limit: str | None) -> None:
         """Change one container's memory request (and limit; None: no limit) in place."""
@@ -170,6 +174,16 @@ class ApiKube(Kube):
             return True
         except ApiException as e:
             if e.status in (404, 409):
+                return False
+            raise
+
+    def label_pod(self, namespace: str, name: str, labels: dict[str, str | None]) -> bool:
+        try:
+            self._request("PATCH", self._path("Pod", namespace, name), {"metadata": {"labels": labels}},
+                          content_type="application/merge-patch+json")
+            return True
+        except ApiException as e:
+            if e.status == 404:
                 return False
             raise
 

@@ -30,6 +30,7 @@ class PodTarget:
     uid: str
     ip: str
     ready: bool = True  # only Ready pods are scraped; the others keep their window until they are gone
+    probe: str = ""  # the served model name to send a probe request (scrape.probe) to: the pod's gate needs one
 
 
 @dataclass
@@ -116,7 +117,7 @@ async def scrape_once(store: Observations, client: httpx.AsyncClient, settings: 
 
     async def one(key: Key, port: int, pod: PodTarget) -> None:
         async with semaphore:
-            obs = await scrape(client, pod.ip, port, settings.timeout)
+            obs = await scrape(client, pod.ip, port, settings.timeout, pod.probe)
         store.record(key, pod, obs)
 
     targets = store.targets()

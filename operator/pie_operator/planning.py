@@ -8,22 +8,29 @@ Rules (Deployment-like, adapted to bare GPU pods):
   `replicas - maxUnavailable` gated pods remain.
 - New pods are created up to `replicas` of the current revision, with at most `replicas + maxSurge` pods in total.
   Terminating pods, and pods this pass deletes, count toward that total: they still hold their GPU, and a
-  replacement created before the GPU is free would only sit Pending (Unschedulable) when no GPU is spare.
+  replacement created before the GPU is free would only sit Pending (Unschedulable) when no GPU is spare. A pod
+  still Terminating STUCK_TERMINATING_SECONDS after its grace period ended (its node is lost, a finalizer holds it)
+  stops counting: it would otherwise block its own replacement forever under maxSurge 0. Its replacement may sit
+  Pending until that GPU is free, which is better than never (Deployments never count terminating pods, KEP-3973).
 - Pods named in `replace` (a memory or GPU-budget change that cannot be applied in place) count as outdated.
 - A `gate(pod) -> bool` decides whether a pod counts as available: Ready and passed its rollout gate (rollout.py).
-- `hold` (a paused rollout): only Failed pods are deleted, nothing is created.
+- `hold` (a paused rollout): nothing is replaced (only Failed pods are deleted), but pods that went away are
+  created again up to `replicas`, within the same surge bound. Which revision they are is the caller's: the last
+  good one (rollout.Target.fill), so an eviction during a pause never hands a replica to the revision that failed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from pie_operator.builders import ENGINE_CONTAINER, HASH_LABEL
 
 Pod = dict[str, Any]
 Gate = Callable[[Pod], bool]
+STUCK_TERMINATING_SECONDS = 30  # past the end of the grace period (deletionTimestamp): the kubelet is not coming
 
 
 def is_ready(pod: Pod) -> bool:
@@ -38,6 +45,15 @@ def revision(pod: Pod) -> str:
 
 def is_terminating(pod: Pod) -> bool:
     return pod.get("metadata", {}).get("deletionTimestamp") is not None
+
+
+def is_stuck(pod: Pod, now: datetime) -> bool:
+    """Terminating, and STUCK_TERMINATING_SECONDS past its deletionTimestamp (the end of its grace period)."""
+    deleted = pod.get("metadata", {}).get("deletionTimestamp")
+    if not deleted:
+        return False
+    deadline = datetime.fromisoformat(deleted.replace("Z", "+00:00"))
+    return now - deadline > timedelta(seconds=STUCK_TERMINATING_SECONDS)
 
 
 def is_finished(pod: Pod) -> bool:
@@ -65,6 +81,7 @@ class Plan:
 
     create: int = 0
     delete: list[Deletion] = field(default_factory=list)
+    stuck: list[str] = field(default_factory=list)  # stuck terminating pods that `create` replaces (an Event each)
 
     @property
     def empty(self) -> bool:
@@ -77,11 +94,14 @@ def _newest_first(pods: list[Pod]) -> list[Pod]:
 
 
 def plan(pods: list[Pod], *, desired_revision: str, replicas: int, max_surge: int, max_unavailable: int,
-         replace: Mapping[str, str] | None = None, hold: bool = False, gate: Gate = is_ready) -> Plan:
-    """Decide one step toward `replicas` pods of `desired_revision` (see the module docstring for the rules)."""
+         replace: Mapping[str, str] | None = None, hold: bool = False, gate: Gate = is_ready,
+         now: datetime | None = None) -> Plan:
+    """Decide one step toward `replicas` pods of `desired_revision` (see the module docstring for the rules);
+    `now` tells stuck terminating pods (None: none is)."""
     out = Plan()
     live = [p for p in pods if not is_terminating(p)]
-    terminating = len(pods) - len(live)
+    stuck = [p["metadata"]["name"] for p in pods if is_terminating(p) and now is not None and is_stuck(p, now)]
+    terminating = len(pods) - len(live) - len(stuck)
     for p in live:
         if is_finished(p):
             phase = p["status"]["phase"]
@@ -89,7 +109,7 @@ def plan(pods: list[Pod], *, desired_revision: str, replicas: int, max_surge: in
                                        f"pod {p['metadata']['name']} is {phase}; replacing it"))
     live = [p for p in live if not is_finished(p)]
     if hold:
-        return out
+        return _create(out, len(live), replicas, replicas + max_surge - len(live) - terminating, stuck)
     replace = replace or {}
 
     def outdated(p: Pod) -> bool:
@@ -123,5 +143,12 @@ def plan(pods: list[Pod], *, desired_revision: str, replicas: int, max_surge: in
 
     # Create the missing pods of the desired revision, within the surge bound.
     total = len(live) + terminating  # failed pods (already excluded) hold no GPU
-    out.create = max(0, min(replicas - len(current), replicas + max_surge - total))
+    return _create(out, len(current), replicas, replicas + max_surge - total, stuck)
+
+
+def _create(out: Plan, have: int, replicas: int, room: int, stuck: list[str]) -> Plan:
+    """Create up to `replicas - have` pods within `room`; name the stuck pods only when they took room."""
+    out.create = max(0, min(replicas - have, room))
+    if out.create > max(0, min(replicas - have, room - len(stuck))):
+        out.stuck = stuck
     return out

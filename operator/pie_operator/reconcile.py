@@ -49,9 +49,13 @@ def reconcile(kube: Kube, namespace: str, name: str, *, now: datetime | None = N
         out = act(kube, snap, plan, set_budget=set_budget)
         pods = kube.list_pods(namespace, snap.selector, body["metadata"]["uid"]) if out.pods_changed else snap.pods
         if observations is not None and snap.spec is not None:
+            # The engine gate needs a served probe request: sent to the pods that have not passed it yet.
+            model = (snap.spec.model.served_model_name or name) if snap.spec.rollout.gate.engine_health else ""
+            passed = set(plan.rollout.passed) if plan.rollout is not None else set()
             observations.set_targets((namespace, name), snap.spec.engine.port, [
                 PodTarget(p["metadata"]["name"], p["metadata"]["uid"], p.get("status", {}).get("podIP", ""),
-                          is_ready(p)) for p in pods if not is_terminating(p)])
+                          is_ready(p), "" if p["metadata"]["name"] in passed else model)
+                for p in pods if not is_terminating(p)])
         out.status = desired_status(snap, plan, pods, out.learned, out.decisions, stopped=out.requeue)
         out.status_written = write_status(kube, body, snap.previous, out.status)
         return out

@@ -3,13 +3,21 @@
 Pods are replaced a step at a time by planning.py; this module decides WHICH revision pods converge to and whether
 the rollout may go on. A pod counts as available only once it passed its gate (`passed`): Ready and -- with
 rollout.gate.engineHealth -- its engine answering /health with parseable metrics and no stall regression against
-the other revisions' pods. A gate that has not passed within rollout.stepTimeoutSeconds of the pod's creation fails
-the rollout: it pauses (Degraded, nothing more is replaced) or, with rollout.autoRollback, rolls back to the last
-revision that completed (its pod template is kept in status.rollout).
+the other revisions' pods, and having served a probe request the operator sent it (scrape.probe: an engine that
+answers /health but cannot complete a request never takes traffic). A gate that has not passed within
+rollout.stepTimeoutSeconds of the pod's creation fails the rollout: it pauses (Degraded, nothing more is replaced)
+or, with rollout.autoRollback, rolls back to the last revision that completed (its pod template is kept in
+status.rollout).
 
-Phases: Progressing -> Complete; Progressing/Complete -> Paused (a gate failed; resumes by itself once no pod fails
-its gate, e.g. a slow engine came up; rolls back once autoRollback is set) or RolledBack (sticky until the spec
-changes). A new spec revision always
+While paused, the last good revision keeps serving: a pod that goes away (evicted, its node lost, Failed) is
+created again from the last good template (`Target.fill`), never from the revision that failed; with no last good
+revision (the first rollout failed) from the spec's, the only one there is. Traffic follows the gate: `serving()`
+names the pods the Service may route to (the operator labels them, builders.SERVING_LABEL): passed their gate, and
+not of a revision that failed (paused on, or rolled back from).
+
+Phases: Progressing -> Complete; Progressing/Complete -> Paused (a gate failed; resumes by itself once every pod of
+the paused revision passes its gate, e.g. a slow engine came up -- the failing pod merely going away proves nothing;
+rolls back once autoRollback is set) or RolledBack (sticky until the spec changes). A new spec revision always
 starts a new rollout. Everything lives in status.rollout and the pods' template-hash labels, so a restarted operator
 continues exactly where it was: a gate it cannot judge yet (no scrape since it started) is Pending, never Fail.
 """
@@ -22,7 +30,7 @@ from datetime import datetime
 from typing import Any
 
 from pie_operator.planning import Pod, is_finished, is_ready, is_terminating, revision
-from pie_operator.scrape import Observation
+from pie_operator.scrape import PROBE_OK, Observation
 
 PROGRESSING, COMPLETE, PAUSED, ROLLED_BACK = "Progressing", "Complete", "Paused", "RolledBack"
 PASS, PENDING, FAIL = "Pass", "Pending", "Fail"
@@ -70,11 +78,17 @@ class RolloutState:
 
 @dataclass(frozen=True)
 class Target:
-    """What pods converge to: `revision` created from `template`; `hold`: paused, replace nothing."""
+    """What pods converge to: `revision` created from `template`; `hold`: paused, replace nothing, and create the
+    pods that went away as `fill` (revision, template): the last good revision's (the spec's when there is none)."""
 
     revision: str
     template: dict[str, Any]
     hold: bool
+    fill: tuple[str, dict[str, Any]] | None = None
+
+    def creates(self) -> tuple[str, dict[str, Any]]:
+        """(revision, template) of the pods this pass creates."""
+        return self.fill if self.hold and self.fill is not None else (self.revision, self.template)
 
 
 def _age(pod: Pod, now: datetime) -> float:
@@ -102,6 +116,8 @@ def gate_verdict(pod: Pod, obs: Observation | None, *, now: datetime, step_timeo
     elif baseline_stall is not None and obs.metrics.stall_fraction - baseline_stall > max_stall_regression:
         problem = (f"swap stall fraction {obs.metrics.stall_fraction:.3f} vs {baseline_stall:.3f} on the previous "
                    f"revision (rollout.gate.maxStallRegression={max_stall_regression:g})")
+    elif obs.probe != PROBE_OK:
+        problem = f"probe request failed: {obs.probe}" if obs.probe else "no probe request served yet"
     else:
         return Verdict(PASS)
     if late:
@@ -126,12 +142,13 @@ def advance(prev: RolloutState | None, *, spec_revision: str, spec_template: dic
     target = st.last_good_revision if st.phase == ROLLED_BACK else st.revision
     passed, failures = set(st.passed), []
     for p in live:
-        if revision(p) != target or p["metadata"]["name"] in passed:
+        # (pods of the last good revision created during a pause must pass too, to take traffic; they fail nothing)
+        if revision(p) not in (target, st.last_good_revision) or p["metadata"]["name"] in passed:
             continue
         v = verdict(p)
         if v.result == PASS:
             passed.add(p["metadata"]["name"])
-        elif v.result == FAIL:
+        elif v.result == FAIL and revision(p) == target:
             failures.append(v)
     st = replace(st, passed=tuple(sorted(passed)))
 
@@ -152,7 +169,8 @@ def advance(prev: RolloutState | None, *, spec_revision: str, spec_template: dic
         st = replace(st, phase=PAUSED, reason=failures[0].reason, message=(
             f"rollback to revision {target} failed too: {'; '.join(v.message for v in failures)}"))
         target = st.revision
-    elif st.phase == PAUSED and not failures:
+    elif st.phase == PAUSED and not failures and (mine := [p for p in live if revision(p) == target]) and all(
+            p["metadata"]["name"] in passed for p in mine):
         st = replace(st, phase=PROGRESSING, reason="Resumed", message="every pod passes its gate again")
 
     converged = (len(live) == replicas and all(revision(p) == target for p in live)
@@ -161,7 +179,22 @@ def advance(prev: RolloutState | None, *, spec_revision: str, spec_template: dic
         st = replace(st, phase=COMPLETE, last_good_revision=target, last_good_template=spec_template,
                      reason="RolloutComplete", message=f"revision {target} serves on {replicas} pod(s)")
     template = spec_template if target == spec_revision or st.last_good_template is None else st.last_good_template
-    return st, Target(revision=target, template=template, hold=st.phase == PAUSED)
+    fill = (st.last_good_revision, st.last_good_template) if st.last_good_revision and \
+        st.last_good_template is not None else (target, template)
+    return st, Target(revision=target, template=template, hold=st.phase == PAUSED, fill=fill)
+
+
+def serving(state: RolloutState, pods: list[Pod]) -> set[str]:
+    """The pods that may take traffic: live, passed their gate, and not of a revision that failed its gate (the one
+    paused on, while a last good revision exists; the one rolled back from). Readiness is left to the endpoints."""
+    suspect = ""
+    if state.phase == ROLLED_BACK:
+        suspect = state.failed_revision
+    elif state.phase == PAUSED and state.last_good_revision and state.last_good_revision != state.revision:
+        suspect = state.revision
+    passed = set(state.passed)
+    return {p["metadata"]["name"] for p in pods if not is_terminating(p) and not is_finished(p)
+            and p["metadata"]["name"] in passed and not (suspect and revision(p) == suspect)}
 
 
 def baseline_stall(pods: list[Pod], observations: Mapping[str, Observation | None], target: str) -> float | None:

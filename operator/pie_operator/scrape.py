@@ -7,6 +7,8 @@ The HTTP contract the operator relies on (engine side: engine/pie_engine/server/
 - ``GET /metrics`` -> Prometheus text format with at least the REQUIRED names below (gauges/counters as one unlabeled
   sample each; ``pie_iteration_seconds`` a histogram with ``_sum`` and ``_count``). A name missing, a value that is
   not a finite number >= 0, or text the parser rejects makes the whole scrape stale.
+- ``POST /v1/completions`` ``{"model": <served name>, "prompt": "ping", "max_tokens": 1}`` -> 200 with at least one
+  choice: the probe request of the rollout gate (`probe`), sent to pods that have not passed their gate yet.
 - ``POST /v1/pie/admin/gpu-memory-budget`` with ``Authorization: Bearer <token>`` (the token the engine read from
   ``--admin-token-file``) and the JSON body ``{"bytes": N}``:
   200 -> applied live; 409 ``{"error": {"message": "...needs a restart..."}}`` -> not possible live (the operator
@@ -34,6 +36,8 @@ HISTOGRAM = "pie_iteration_seconds"
 REQUIRED = (*GAUGES, *COUNTERS, f"{HISTOGRAM}_sum", f"{HISTOGRAM}_count")
 MAX_BODY = 4 * 2**20  # an engine's /metrics is a few KiB; anything this large is not an engine
 ADMIN_PATH = "/v1/pie/admin/gpu-memory-budget"
+PROBE_OK = "ok"
+PROBE_TIMEOUT = 10.0  # a first request may warm caches up: longer than a scrape, and only until the gate passed
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class Observation:
     at: float
     metrics: EngineMetrics | None = None
     error: str = ""
+    probe: str = ""  # the probe completion (see `probe`): "" none sent, PROBE_OK, else why it failed
 
     @property
     def ok(self) -> bool:
@@ -113,13 +118,16 @@ async def _fetch(client: httpx.AsyncClient, url: str, timeout: float) -> str:
     return body.decode("utf-8", errors="replace")
 
 
-async def scrape(client: httpx.AsyncClient, ip: str, port: int, timeout: float) -> Observation:
-    """/health then /metrics of one engine within `timeout` seconds in all; never raises (every failure is an
-    Observation with an error)."""
+async def scrape(client: httpx.AsyncClient, ip: str, port: int, timeout: float, probe_model: str = "") -> Observation:
+    """/health then /metrics of one engine within `timeout` seconds in all, then -- with `probe_model`, and only when
+    the metrics are fresh -- a probe request (`probe`); never raises (every failure is an Observation with an
+    error)."""
     now = time.time()
     try:
         text = await asyncio.wait_for(_fetch(client, base_url(ip, port), timeout), timeout)
-        return Observation(now, metrics=parse_metrics(text))
+        metrics = parse_metrics(text)
+        return Observation(now, metrics=metrics, probe=await probe(client, ip, port, probe_model) if probe_model
+                           else "")
     except MetricsError as e:
         return Observation(now, error=str(e))
     except (asyncio.TimeoutError, httpx.TimeoutException):
@@ -152,3 +160,26 @@ def set_gpu_budget(ip: str, port: int, token: str, budget_bytes: int, timeout: f
     if resp.status_code in (401, 403, 404, 409):
         return AdminResult(False, True, f"{resp.status_code}: {message}")
     return AdminResult(False, False, f"{resp.status_code}: {message}", rejected=resp.status_code == 400)
+
+
+async def probe(client: httpx.AsyncClient, ip: str, port: int, model: str, timeout: float = PROBE_TIMEOUT) -> str:
+    """One tiny completion (max_tokens 1) for `model`: PROBE_OK when the engine served it, else why not (a short,
+    stable text: it ends up in a condition message). Never raises."""
+    body = {"model": model, "prompt": "ping", "max_tokens": 1, "temperature": 0}
+    try:
+        resp = await asyncio.wait_for(client.post(f"{base_url(ip, port)}/v1/completions", json=body, timeout=timeout),
+                                      timeout)
+    except (asyncio.TimeoutError, httpx.TimeoutException):
+        return "timeout"
+    except httpx.HTTPError as e:
+        return f"unreachable ({type(e).__name__})"
+    try:
+        answer = resp.json()
+    except ValueError:
+        answer = None
+    if resp.status_code != 200:
+        message = answer.get("error", {}).get("message") if isinstance(answer, dict) else None
+        return f"{resp.status_code}: {str(message or resp.text)[:200]}"
+    if not (isinstance(answer, dict) and isinstance(answer.get("choices"), list) and answer["choices"]):
+        return "the answer is not a completion"
+    return PROBE_OK

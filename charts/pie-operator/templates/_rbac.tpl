@@ -19,10 +19,11 @@ that adding a verb is a deliberate change in both. Each rule names the code that
 - apiGroups: [pie.io]
   resources: [piedeployments/finalizers]
   verbs: [update]
-# k8s.py list_pods/create_pod/delete_pod; kopf's on.event watch of owned pods. Pods are never read one by one.
+# k8s.py list_pods/create_pod/delete_pod/label_pod (the serving label: traffic follows the rollout gate); kopf's
+# on.event watch of owned pods. Pods are never read one by one.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, watch, create, delete]
+  verbs: [list, watch, create, delete, patch]
 # k8s.py resize_pod: in-place memory resize (memory.apply: InPlace).
 - apiGroups: [""]
   resources: [pods/resize]

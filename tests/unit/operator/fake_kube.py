@@ -140,6 +140,15 @@ class FakeKube(Kube):
         del self.pods[(namespace, name)]
         return True
 
+    def label_pod(self, namespace: str, name: str, labels: dict[str, str | None]) -> bool:
+        self._call("label_pod")
+        self.writes.append(("label", name))
+        pod = self.pods.get((namespace, name))
+        if pod is None:
+            return False
+        pod["metadata"]["labels"] = merge_patch(pod["metadata"].get("labels", {}), labels)
+        return True
+
     def resize_pod(self, namespace: str, name: str, container: str, memory_request: str,
                    memory_limit: str | None) -> None:
         self._call("resize_pod")

@@ -224,7 +224,8 @@ def test_selector() -> None:
     ({}, "spec.type", "ClusterIP"),
     ({"service.type": "NodePort"}, "spec.type", "NodePort"),
     ({"service.port": 80}, "spec.ports", [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]),
-    ({}, "spec.selector", {"app.kubernetes.io/name": "pie-engine", "pie.io/deployment": NAME}),
+    ({}, "spec.selector", {"app.kubernetes.io/name": "pie-engine", "pie.io/deployment": NAME,
+                           "pie.io/serving": "true"}),  # only pods that passed their gate take traffic
     ({}, "metadata.name", NAME),
 ])
 def test_service(patch: dict[str, Any], path: str, expected: Any) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from pie_operator.planning import STUCK_TERMINATING_SECONDS as STUCK
 from pie_operator.planning import plan
 from pie_operator.rollout import COMPLETE, PAUSED, RolloutState
 from pie_operator.scrape import EngineMetrics, Observation
@@ -17,14 +18,16 @@ NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 
 
 def pod(name: str, rev: str = NEW, ready: bool = True, phase: str = "Running", age_s: int = 60,
-        memory: str = "16Gi", terminating: bool = False, unschedulable: str | None = None) -> dict[str, Any]:
+        memory: str = "16Gi", terminating: bool = False, unschedulable: str | None = None,
+        overdue_s: int = 0) -> dict[str, Any]:
+    """`terminating`: deleted, its grace period (deletionTimestamp) ending `overdue_s` seconds ago."""
     conds = [{"type": "Ready", "status": "True" if ready else "False"}]
     if unschedulable:
         conds.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable})
     meta: dict[str, Any] = {"name": name, "uid": f"uid-{name}", "labels": {"pie.io/template-hash": rev},
                             "creationTimestamp": (NOW - timedelta(seconds=age_s)).strftime("%Y-%m-%dT%H:%M:%SZ")}
     if terminating:
-        meta["deletionTimestamp"] = NOW.strftime("%Y-%m-%dT%H:%M:%SZ")
+        meta["deletionTimestamp"] = (NOW - timedelta(seconds=overdue_s)).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"metadata": meta, "status": {"phase": phase, "conditions": conds},
             "spec": {"containers": [{"name": "engine", "args": ["--gpu-memory-budget", "0.9"],
                                      "resources": {"requests": {"memory": memory}}}]}}
@@ -33,7 +36,7 @@ def pod(name: str, rev: str = NEW, ready: bool = True, phase: str = "Running", a
 def run(pods: list[dict[str, Any]], replicas: int, surge: int = 0, unavailable: int = 1,
         replace: dict[str, str] | None = None, hold: bool = False) -> tuple[int, list[str], list[str]]:
     p = plan(pods, desired_revision=NEW, replicas=replicas, max_surge=surge, max_unavailable=unavailable,
-             replace=replace, hold=hold)
+             replace=replace, hold=hold, now=NOW)
     return p.create, [d.name for d in p.delete], [d.reason for d in p.delete]
 
 
@@ -47,6 +50,12 @@ def run(pods: list[dict[str, Any]], replicas: int, surge: int = 0, unavailable: 
     ([pod("a", terminating=True)], 1, 0, 1, (0, [], [])),                  # a terminating pod holds its GPU...
     ([pod("a", terminating=True)], 1, 1, 1, (1, [], [])),                  # ...unless surge allows one more
     ([pod("a", terminating=True), pod("b")], 2, 0, 1, (0, [], [])),
+    ([pod("a", terminating=True, overdue_s=25)], 1, 0, 1, (0, [], [])),    # a kubelet finishing late: still
+    # ...but a pod still Terminating well past its grace period (node lost, a finalizer) no longer blocks its
+    # replacement (Deployments do not count terminating pods at all by default, KEP-3973)
+    ([pod("a", terminating=True, overdue_s=STUCK + 1)], 1, 0, 1, (1, [], [])),
+    ([pod("a", terminating=True, overdue_s=STUCK + 1), pod("b")], 2, 0, 1, (1, [], [])),
+    ([pod("a", OLD, terminating=True, overdue_s=STUCK + 1), pod("b", OLD)], 2, 0, 1, (1, [], [])),
     # rolling update, maxSurge 0 / maxUnavailable 1: one old pod at a time
     # (the replacement comes in the pass after the old pod is gone: it holds its GPU until then)
     ([pod("a", OLD)], 1, 0, 1, (0, ["a"], [])),
@@ -83,11 +92,30 @@ def test_replace(pods: list[dict[str, Any]], replicas: int, replace: dict[str, s
 
 @pytest.mark.parametrize(("pods", "expected"), [
     ([pod("a", OLD), pod("n", ready=False)], (0, [], [])),       # paused: the failing new pod stays, old ones too
-    ([pod("a", OLD), pod("n", phase="Failed")], (0, ["n"], ["Failed"])),  # ...only failed pods go, none created
-    ([pod("a", OLD)], (0, [], [])),
+    ([pod("a", OLD), pod("n", phase="Failed")], (1, ["n"], ["Failed"])),  # failed pods go, and are replaced...
+    ([pod("a", OLD)], (1, [], [])),                               # ...as is a pod that went away (evicted)
+    ([pod("n", ready=False)], (1, [], [])),
+    ([pod("a", OLD), pod("b", OLD, terminating=True)], (0, [], [])),  # its GPU is not free yet
+    ([pod("a", OLD), pod("b", OLD, terminating=True, overdue_s=STUCK + 1)], (1, [], [])),
+    ([pod("a", OLD), pod("b", OLD), pod("n", ready=False)], (0, [], [])),  # surplus: nothing more is deleted
 ])
 def test_hold(pods: list[dict[str, Any]], expected: tuple[int, list[str], list[str]]) -> None:
+    """A paused rollout replaces nothing, but keeps `replicas` pods: the pods it creates are of the revision the
+    caller builds them from (the last good one, rollout.Target.fill), not of the revision that failed its gate."""
     assert run(pods, 2, hold=True) == expected
+
+
+def test_stuck_pods_are_named_when_their_replacement_is_created() -> None:
+    stuck = pod("a", terminating=True, overdue_s=STUCK + 1)
+    p = plan([stuck, pod("b")], desired_revision=NEW, replicas=2, max_surge=0, max_unavailable=1, now=NOW)
+    assert (p.create, p.stuck) == (1, ["a"])
+    # The replacement exists: the still-stuck pod is not announced again.
+    p = plan([stuck, pod("b"), pod("c", ready=False)], desired_revision=NEW, replicas=2, max_surge=0,
+             max_unavailable=1, now=NOW)
+    assert (p.create, p.stuck) == (0, [])
+    # Surge room created the pod anyway: the stuck pod did not hold anything up, so no Event names it.
+    p = plan([stuck, pod("b")], desired_revision=NEW, replicas=2, max_surge=1, max_unavailable=1, now=NOW)
+    assert (p.create, p.stuck) == (1, [])
 
 
 def test_plan_converges_when_replayed() -> None:

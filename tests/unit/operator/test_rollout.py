@@ -24,8 +24,9 @@ from pie_operator.rollout import (
     Verdict,
     advance,
     gate_verdict,
+    serving,
 )
-from pie_operator.scrape import EngineMetrics, Observation
+from pie_operator.scrape import PROBE_OK, EngineMetrics, Observation
 
 A, B, C = "aaaaaaaaaa", "bbbbbbbbbb", "cccccccccc"
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -84,6 +85,7 @@ def test_failed_gate_pauses() -> None:
     st, _ = step(COMPLETE_A, [pod("a1", A), pod("a2", A)])
     st, target = step(st, [pod("a1", A), pod("b1", B)], table={"b1": FAIL})
     assert (st.phase, st.reason, target.revision, target.hold) == (PAUSED, "GateFailed", B, True)
+    assert target.fill == (A, TEMPLATES[A])  # a pod that goes away while paused comes back at the last good one
     assert "b1 bad" in st.message and "rollout.autoRollback" in st.message
     st, target = step(st, [pod("a1", A), pod("b1", B)], table={"b1": FAIL})  # stays paused
     assert (st.phase, target.hold) == (PAUSED, True)
@@ -114,6 +116,45 @@ def test_failed_gate_rolls_back_and_stays_rolled_back_until_the_spec_changes() -
 def test_no_rollback_without_a_last_good_revision() -> None:
     st, target = step(None, [pod("b1", B, ready=False)], table={"b1": FAIL}, auto_rollback=True, replicas=1)
     assert (st.phase, target.hold) == (PAUSED, True)
+    # Nothing ever passed: a pod that goes away is replaced at the spec's revision (the only one there is), and the
+    # rollout resumes once one of its pods passes its gate.
+    assert target.fill == (B, TEMPLATES[B])
+    st, target = step(st, [], auto_rollback=True, replicas=1)
+    assert (st.phase, target.hold, target.fill) == (PAUSED, True, (B, TEMPLATES[B]))
+    st, target = step(st, [pod("b2", B)], auto_rollback=True, replicas=1)  # resumed, and complete at once
+    assert (st.phase, st.last_good_revision, target.hold) == (COMPLETE, B, False)
+
+
+def test_paused_rollout_does_not_resume_when_the_failing_pod_goes_away() -> None:
+    """Finding 1: an old pod evicted while paused comes back at the last good revision, and the failing pod going
+    away (deleted, its node lost) is no evidence that its revision works: the rollout stays paused."""
+    st, _ = step(COMPLETE_A, [pod("a1", A), pod("a2", A)])
+    st, _ = step(st, [pod("a1", A), pod("b1", B)], table={"b1": FAIL})
+    st, target = step(st, [pod("b1", B)], table={"b1": FAIL})  # a1 evicted
+    assert (st.phase, target.hold, target.fill) == (PAUSED, True, (A, TEMPLATES[A]))
+    st, target = step(st, [pod("b1", B), pod("a3", A)], table={"b1": FAIL})  # its replacement passes its gate
+    assert st.phase == PAUSED and "a3" in st.passed
+    st, target = step(st, [pod("a3", A)])  # b1 deleted
+    assert (st.phase, target.hold, target.fill) == (PAUSED, True, (A, TEMPLATES[A]))
+    st, target = step(st, [pod("a3", A), pod("b2", B)])  # a pod of the paused revision passes: resume
+    assert (st.phase, st.reason, target.hold) == (PROGRESSING, "Resumed", False)
+
+
+def test_sim_eviction_while_paused_keeps_the_last_good_revision() -> None:
+    sim = Sim(2, A, bad={B})
+    for _ in range(6):
+        st = sim.pass_(B)
+    assert st.phase == PAUSED and sim.revisions() == [A, B]
+    sim.pods, sim.disrupted = [p for p in sim.pods if revision(p) != A], True  # the last good pod is evicted
+    for _ in range(4):
+        st = sim.pass_(B)
+    assert st.phase == PAUSED and sim.revisions() == [A, B]
+    sim.pods = [p for p in sim.pods if revision(p) != B]  # and the failing one too
+    for _ in range(4):
+        st = sim.pass_(B)
+    assert st.phase == PAUSED and sim.revisions() == [A, A]
+    assert serving(RolloutState.from_status(sim.status) or COMPLETE_A, sim.pods) == {
+        p["metadata"]["name"] for p in sim.pods}
 
 
 def test_status_round_trip() -> None:
@@ -125,9 +166,11 @@ def test_status_round_trip() -> None:
 
 
 OK = Observation(at=0.0, metrics=EngineMetrics({"pie_swap_stall_seconds_total": 1.0,
-                                                "pie_iteration_seconds_sum": 10.0}))
+                                                "pie_iteration_seconds_sum": 10.0}), probe=PROBE_OK)
 STALLING = Observation(at=0.0, metrics=EngineMetrics({"pie_swap_stall_seconds_total": 5.0,
-                                                      "pie_iteration_seconds_sum": 10.0}))
+                                                      "pie_iteration_seconds_sum": 10.0}), probe=PROBE_OK)
+IDLE = replace(OK, probe="")  # /health and /metrics answer, but no probe request was sent
+UNSERVED = replace(OK, probe="503: the engine is shutting down")
 STALE = Observation(at=0.0, error="unreachable (ConnectError)")
 
 
@@ -142,6 +185,10 @@ STALE = Observation(at=0.0, error="unreachable (ConnectError)")
     (True, 10, OK, True, 0.08, (PASS, "")),                     # 0.10 vs 0.08: within 0.05
     (True, 10, STALLING, True, 0.1, (PENDING, "")),             # 0.5 vs 0.1: a regression, not yet late
     (True, 700, STALLING, True, 0.1, (FAIL, "GateFailed")),
+    (True, 10, IDLE, True, None, (PENDING, "")),                # healthy but idle: not proven to serve yet
+    (True, 700, IDLE, True, None, (FAIL, "GateFailed")),
+    (True, 10, UNSERVED, True, None, (PENDING, "")),
+    (True, 700, UNSERVED, True, None, (FAIL, "GateFailed")),
 ])
 def test_gate_verdict(ready: bool, age: int, obs: Observation | None, engine_health: bool, baseline: float | None,
                       expected: tuple[str, str]) -> None:
@@ -151,6 +198,8 @@ def test_gate_verdict(ready: bool, age: int, obs: Observation | None, engine_hea
     assert (v.result, v.reason) == expected
     if v.result == FAIL:
         assert "pod n" in v.message
+    if obs is UNSERVED and v.result == FAIL:
+        assert "probe request failed: 503: the engine is shutting down" in v.message
 
 
 class Sim:
@@ -163,6 +212,7 @@ class Sim:
         self.replicas, self.deleted, self.status = replicas, 0, COMPLETE_A.to_status() | {"passed": [
             p["metadata"]["name"] for p in self.pods]}
         self.scraped = True  # False: the operator just restarted and has not scraped any engine yet
+        self.disrupted = False  # True: pods were taken away behind the operator's back (no availability bound)
 
     def verdict(self, p: dict[str, Any]) -> Verdict:
         obs = None if not self.scraped else STALE if revision(p) in self.bad else OK
@@ -180,9 +230,10 @@ class Sim:
         gone = {d.name for d in steps.delete}
         self.deleted += len(gone)
         self.pods = [p for p in self.pods if p["metadata"]["name"] not in gone]
-        self.pods += [pod(f"p{next(self.names)}", target.revision, created=self.now) for _ in range(steps.create)]
+        rev, _ = target.creates()
+        self.pods += [pod(f"p{next(self.names)}", rev, created=self.now) for _ in range(steps.create)]
         available = sum(1 for p in self.pods if is_ready(p) and p["metadata"]["name"] in passed)
-        assert available >= self.replicas - 1  # maxUnavailable 1, every step
+        assert self.disrupted or available >= self.replicas - 1  # maxUnavailable 1, every step
         self.status = st.to_status()  # what the operator writes; a restart reads it back (RolloutState.from_status)
         self.now += timedelta(seconds=60)
         return st

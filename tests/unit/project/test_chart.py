@@ -34,7 +34,7 @@ NAMESPACED = {
     ("pie.io", "piedeployments", ("get", "list", "watch", "patch")),
     ("pie.io", "piedeployments/status", ("patch",)),
     ("pie.io", "piedeployments/finalizers", ("update",)),
-    ("", "pods", ("list", "watch", "create", "delete")),
+    ("", "pods", ("list", "watch", "create", "delete", "patch")),
     ("", "pods/resize", ("patch",)),
     ("", "services", ("get", "create", "patch")),
     ("", "configmaps", ("get", "create", "patch")),
