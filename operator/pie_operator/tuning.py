@@ -53,6 +53,14 @@ def container_status(pod: Pod) -> dict[str, Any]:
     return {}
 
 
+def memory_limit(pod: Pod) -> int | None:
+    """The engine container's memory limit in bytes as the pod spec says (None: no limit)."""
+    for c in pod.get("spec", {}).get("containers", []):
+        if c.get("name") == ENGINE_CONTAINER and (value := (c.get("resources", {}).get("limits") or {}).get("memory")):
+            return parse_bytes(value)
+    return None
+
+
 def budget_arg(pod: Pod) -> str | None:
     """The --gpu-memory-budget the pod's engine was started with."""
     for c in pod.get("spec", {}).get("containers", []):
@@ -131,23 +139,33 @@ def plan_tuning(spec: PieDeploymentSpec, decision: MemoryDecision, pods: list[Po
         born = parse_ts(pod["metadata"].get("creationTimestamp")) or now
         if (current := memory_request(pod)) is not None:
             oom, marker = oom_kill(pod, prev)
+            pod_limit = memory_limit(pod)
             c = decide_memory(MemoryInputs(
                 current=parse_bytes(current), min_pool=min_pool, max_pool=max_pool,
                 to_request=lambda pool: request_bytes(mem, pool), samples=view.samples, stale=stale,
-                last_change=parse_ts(prev.get("memoryChangedAt")) or born, oom=oom), now, t)
+                last_change=parse_ts(prev.get("memoryChangedAt")) or born, oom=oom, limit=pod_limit), now, t)
             if c is not None:
                 if c.reason.startswith("OOMKilled"):
                     memo["oomHandledAt"] = marker
-                _memory_action(out, name, c, mem.apply, resize_supported, limit_bytes(mem, decision, c.new))
+                _memory_action(out, name, c, mem.apply, resize_supported, _new_limit(c, limit_bytes(
+                    mem, decision, c.new), pod_limit))
         gpu = _gpu_change(spec, t, pod, prev, view, stale, born, now)
         if gpu is not None:
             out.gpu.append(gpu)
     return out
 
 
+def _new_limit(c: Change, formula: int | None, current: int | None) -> int | None:
+    """The limit that goes with a new request: an OOM rule's raised limit, else the spec's (base + max +
+    headroom(max)) but never below the pod's limit now -- a limit an OOM kill raised stays raised."""
+    if c.limit is not None:
+        return c.limit
+    return None if formula is None else max(formula, current or 0)
+
+
 def _memory_action(out: TuningPlan, name: str, c: Change, apply: str, resize_supported: bool,
                    limit: int | None) -> None:
-    if c.new == c.old:  # OOMKilledAtMax: nothing left to give; reported once
+    if c.reason == "OOMKilledAtMax":  # nothing left to give; reported once
         out.changes.append((name, c, "none"))
         return
     if apply == "Off":

@@ -103,6 +103,23 @@ def test_decide_memory(inputs: MemoryInputs, expected: tuple[str, int] | None) -
     assert outcome(decide_memory(inputs, NOW, T)) == expected
 
 
+def test_oom_at_a_limit_moves_the_limit() -> None:
+    """Killed at its limit: the limit moves too (else the next kill comes at the same place), also when the request
+    is already at its maximum; the message names the limit, not the request."""
+    c = decide_memory(mem(1, limit=2 * Gi, oom=OOMKill(NOW, False)), NOW, T)
+    assert c is not None and (c.reason, c.new, c.limit) == ("OOMKilled", 1229 * Mi, 2458 * Mi)
+    assert "OOM-killed at its memory limit 2Gi" in c.message and "limit raised to 2.4" in c.message
+    at_max = decide_memory(mem(4, limit=4 * Gi, oom=OOMKill(NOW, False)), NOW, T)
+    assert at_max is not None and (at_max.reason, at_max.new, at_max.limit) == ("OOMKilled", 4 * Gi, 4916 * Mi)
+
+
+def test_oom_without_a_limit_says_node_memory_pressure() -> None:
+    c = decide_memory(mem(1, oom=OOMKill(NOW, False)), NOW, T)
+    assert c is not None and c.limit is None and "no memory limit (node memory pressure, request 1Gi)" in c.message
+    at_max = decide_memory(mem(4, oom=OOMKill(NOW, False)), NOW, T)
+    assert at_max is not None and at_max.reason == "OOMKilledAtMax" and "node memory pressure" in at_max.message
+
+
 def test_memory_source_recommended() -> None:
     x = mem(1, samples=samples(0, 0, 0, rec_mi=300))
     assert decide_memory(x, NOW, T) is None  # Used: nothing is used
@@ -157,13 +174,14 @@ def test_pool_bounds_and_request_from_the_spec() -> None:
 
 
 def engine_pod(name: str = "p", memory: str = "16Gi", budget: str = "0.9", restarts: int = 0,
-               oom_at: str | None = None) -> dict[str, Any]:
+               oom_at: str | None = None, limit: str | None = None) -> dict[str, Any]:
     cs: dict[str, Any] = {"name": "engine", "restartCount": restarts}
     if oom_at:
         cs["lastState"] = {"terminated": {"reason": "OOMKilled", "finishedAt": oom_at}}
     return {"metadata": {"name": name, "uid": f"u-{name}", "creationTimestamp": "1970-01-01T00:00:00Z"},
             "spec": {"containers": [{"name": "engine", "args": ["--gpu-memory-budget", budget],
-                                     "resources": {"requests": {"memory": memory}}}]},
+                                     "resources": {"requests": {"memory": memory},
+                                                   "limits": {"memory": limit} if limit else {}}}]},
             "status": {"podIP": "127.0.1.5", "containerStatuses": [cs]}}
 
 
@@ -218,6 +236,16 @@ def test_plan_tuning_oom_bump_is_answered_once() -> None:
     assert tp.resize == {"p": ("19661Mi", None)} and tp.memo["p"]["oomHandledAt"] == oom  # 16Gi x 1.2
     again = tune({}, [engine_pod(memory="19661Mi", oom_at=oom)], {}, prev={"p": {"oomHandledAt": oom}})
     assert again.resize == {} and again.changes == []
+
+
+def test_plan_tuning_oom_at_the_limit_resizes_the_limit_and_keeps_it() -> None:
+    oom, mx = "2025-01-01T00:00:00Z", {"memory.hostMemory": {"max": "8Gi"}, "memory.headroom": "0"}
+    tp = tune(mx, [engine_pod(memory="24Gi", limit="24Gi", oom_at=oom)], {})
+    assert tp.resize == {"p": ("24Gi", "29492Mi")}  # the request is at its maximum: the limit moves (x 1.2)
+    # a later metric decision keeps the raised limit (never back down to base + max + headroom)
+    later = tune(mx, [engine_pod(memory="17Gi", limit="29492Mi", oom_at=oom)], loaded(4096),
+                 prev={"p": {"oomHandledAt": oom}})
+    assert later.resize == {"p": ("20Gi", "29492Mi")}
 
 
 @pytest.mark.parametrize(("patch", "pod", "prev", "view", "expected"), [
