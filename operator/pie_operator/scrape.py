@@ -32,6 +32,8 @@ GAUGES = ("pie_expansion_ratio", "pie_kv_layers_on_host", "pie_device_kv_capacit
 COUNTERS = ("pie_swap_in_bytes_total", "pie_swap_out_bytes_total", "pie_swap_stall_seconds_total")
 HISTOGRAM = "pie_iteration_seconds"
 REQUIRED = (*GAUGES, *COUNTERS, f"{HISTOGRAM}_sum", f"{HISTOGRAM}_count")
+# Read when present: older engines do not export it, and without it a fractional GPU budget stays unresolved.
+OPTIONAL = ("pie_gpu_memory_overhead_bytes",)
 MAX_BODY = 4 * 2**20  # an engine's /metrics is a few KiB; anything this large is not an engine
 ADMIN_PATH = "/v1/pie/admin/gpu-memory-budget"
 
@@ -48,6 +50,10 @@ class EngineMetrics:
 
     def bytes(self, name: str) -> int:
         return int(self.values[name])
+
+    def optional_bytes(self, name: str) -> int | None:
+        """An OPTIONAL gauge in bytes; None when the engine does not export it."""
+        return int(self.values[name]) if name in self.values else None
 
     @property
     def stall_fraction(self) -> float:
@@ -80,7 +86,7 @@ def parse_metrics(text: str) -> EngineMetrics:
     try:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                if s.name in REQUIRED and not s.labels:
+                if (s.name in REQUIRED or s.name in OPTIONAL) and not s.labels:
                     found[s.name] = float(s.value)
     except Exception as e:  # the parser raises ValueError, IndexError, ... on garbage: all mean the same here
         raise MetricsError(f"garbage metrics ({type(e).__name__})") from e

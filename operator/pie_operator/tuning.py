@@ -186,17 +186,18 @@ def _gpu_change(spec: PieDeploymentSpec, t: Tuning, pod: Pod, prev: dict[str, An
     name, effective = pod["metadata"]["name"], effective_budget(pod, prev)
     metrics = view.last.metrics if view.last is not None and view.last.ok else None
     total = metrics.bytes("pie_gpu_memory_total_bytes") if metrics is not None else None
+    overhead = metrics.optional_bytes("pie_gpu_memory_overhead_bytes") if metrics is not None else None
     wanted = spec.memory.gpu_memory_budget
     if spec.memory.tuning.gpu_memory_budget_min is None:
         if not effective or effective == wanted:
             return None
-        return GpuChange(name, effective, wanted, resolve_budget(wanted, total), "Spec",
+        return GpuChange(name, effective, wanted, resolve_budget(wanted, total, overhead), "Spec",
                          f"memory.gpuMemoryBudget is {wanted}, the engine runs with {effective}")
-    cur = resolve_budget(effective, total) if effective else None
-    lo = resolve_budget(spec.memory.tuning.gpu_memory_budget_min, total)
-    hi = resolve_budget(wanted, total)
-    if cur is None or lo is None or hi is None:
-        return None  # a fraction while the GPU total is unknown: nothing to compare with
+    cur = resolve_budget(effective, total, overhead) if effective else None
+    lo = resolve_budget(spec.memory.tuning.gpu_memory_budget_min, total, overhead)
+    hi = resolve_budget(wanted, total, overhead)
+    if cur is None or lo is None or hi is None or hi <= 0:
+        return None  # a fraction while the GPU total or the engine's overhead is unknown: nothing to compare with
     c = decide_gpu(GpuInputs(current=cur, lo=min(lo, hi), hi=hi, samples=view.samples, stale=stale,
                              last_change=parse_ts(prev.get("gpuBudgetChangedAt")) or born), now, t)
     if c is None:

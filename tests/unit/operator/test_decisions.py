@@ -196,11 +196,14 @@ def tune(patch: dict[str, Any], pods: list[dict[str, Any]], views: dict[str, Any
                        resize_supported=resize_supported, tmpl_request=16 * Gi)
 
 
-def loaded(pool_mi: float, gpu_total: int = 0, gpu_mi: float = 0) -> dict[str, Any]:
+def loaded(pool_mi: float, gpu_total: int = 0, gpu_mi: float = 0, overhead: int | None = None) -> dict[str, Any]:
     from pie_operator.observe import PodView
     from pie_operator.scrape import EngineMetrics, Observation
 
-    obs = Observation(at=NOW, metrics=EngineMetrics({"pie_gpu_memory_total_bytes": float(gpu_total)}))
+    values = {"pie_gpu_memory_total_bytes": float(gpu_total)}
+    if overhead is not None:
+        values["pie_gpu_memory_overhead_bytes"] = float(overhead)
+    obs = Observation(at=NOW, metrics=EngineMetrics(values))
     return {"p": PodView(obs, samples(pool_mi, pool_mi, pool_mi, gpu_mi=gpu_mi))}
 
 
@@ -252,8 +255,18 @@ def test_plan_tuning_oom_at_the_limit_resizes_the_limit_and_keeps_it() -> None:
     ({}, engine_pod(budget="0.9"), {}, {}, None),                                   # as the spec says
     ({"memory.gpuMemoryBudget": "0.8"}, engine_pod(budget="0.9"), {}, {},           # spec change, GPU size unknown
      ("0.9", "0.8", None, "Spec")),
-    ({"memory.gpuMemoryBudget": "0.5"}, engine_pod(budget="0.9"), {}, loaded(0, gpu_total=8 * Gi),
-     ("0.9", "0.5", 4 * Gi, "Spec")),
+    # A fraction means what it means at the engine's start-up: the share of the GPU the engine holds in all, so
+    # the KV gets it minus the engine's overhead (weights, activation reserve: pie_gpu_memory_overhead_bytes).
+    ({"memory.gpuMemoryBudget": "0.5"}, engine_pod(budget="0.9"), {}, loaded(0, gpu_total=80 * Gi, overhead=20 * Gi),
+     ("0.9", "0.5", 20 * Gi, "Spec")),
+    ({"memory.gpuMemoryBudget": "0.5"}, engine_pod(budget="0.9"), {}, loaded(0, gpu_total=80 * Gi),
+     ("0.9", "0.5", None, "Spec")),  # an engine without the overhead metric: not resolvable live, so replaced
+    # The default 0.9 bounds the tuning at 0.9 x 80Gi - 20Gi = 52Gi of KV, where the engine already is (not at 72Gi,
+    # more KV than the GPU holds next to the weights).
+    ({"memory.tuning.gpuMemoryBudgetMin": "1Gi"}, engine_pod(budget="0.9"), {},
+     loaded(0, gpu_total=80 * Gi, gpu_mi=60 * 1024, overhead=20 * Gi), None),
+    ({"memory.tuning.gpuMemoryBudgetMin": "1Gi"}, engine_pod(budget="0.9"), {},
+     loaded(0, gpu_total=80 * Gi, gpu_mi=30 * 1024, overhead=20 * Gi), ("0.9", "30Gi", 30 * Gi, "Metrics")),
     ({"memory.gpuMemoryBudget": "8Gi", "memory.tuning.gpuMemoryBudgetMin": "1Gi"}, engine_pod(budget="8Gi"), {},
      loaded(0, gpu_mi=3000), ("8Gi", "3000Mi", 3000 * Mi, "Metrics")),              # tuned to the recommendation
     ({"memory.gpuMemoryBudget": "8Gi", "memory.tuning.gpuMemoryBudgetMin": "1Gi"}, engine_pod(budget="8Gi"),

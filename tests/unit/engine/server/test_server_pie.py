@@ -102,6 +102,7 @@ def test_pie_metrics_before_and_after_load(server: Server, bb: int, host_limit: 
     assert m["pie_expansion_ratio"] == 2.0 and m["pie_kv_layers_on_host"] == 3
     assert m["pie_device_kv_capacity_bytes"] == C0 * bb  # the whole budget, laid out as 3 slots of 60 blocks
     assert m["pie_gpu_memory_total_bytes"] == 0 and m["pie_gpu_memory_used_bytes"] == 0  # CPU: no GPU
+    assert m.optional_bytes("pie_gpu_memory_overhead_bytes") == 0  # exported (0: no GPU, no fraction to resolve)
     # Host KV in use while the requests run; back to 0 once they finished (not the last step's figure).
     run_all(server, during=lambda: wait_for(lambda: server.metrics()["pie_host_kv_used_bytes"] > 0))
     after = parse_metrics(httpx.get(f"{server.url}/metrics").text)
