@@ -21,7 +21,7 @@ from pie_operator.planning import Plan
 from pie_operator.scrape import AdminResult, set_gpu_budget
 from pie_operator.snapshot import Snapshot
 from pie_operator.status import condition_events
-from pie_operator.tuning import GPU_REJECTED, GPU_RESTART, TS
+from pie_operator.tuning import GPU_ATTEMPTS, GPU_REJECTED, GPU_RESTART, GPU_RETRY_AT, GPU_WAITING, TS, retry_delay, ts
 
 log = logging.getLogger(__name__)
 HISTORY = 20  # status.decisions keeps the last this many
@@ -82,7 +82,7 @@ def act(kube: Kube, snap: Snapshot, plan: ReconcilePlan, *, set_budget: SetBudge
         history.add(r)
     # Engines first: the ConfigMap and new pods carry the budgets the plan expects them to take live.
     for g in plan.gpu:
-        _gpu(g, set_budget(g.ip, g.port, token, g.bytes), history, stamp, out)
+        _gpu(g, set_budget(g.ip, g.port, token, g.bytes), history, stamp, snap.now.timestamp(), out)
     if not out.requeue:
         for obj in plan.apply:
             kube.apply(obj)
@@ -93,23 +93,29 @@ def act(kube: Kube, snap: Snapshot, plan: ReconcilePlan, *, set_budget: SetBudge
     return out
 
 
-def _gpu(g: GpuLive, res: AdminResult, history: History, stamp: str, out: Outcome) -> None:
+def _gpu(g: GpuLive, res: AdminResult, history: History, stamp: str, now: float, out: Outcome) -> None:
     c = g.change
     learned = out.learned.setdefault(c.pod, {})
     if res.applied:
         out.gpu_live.append(c.pod)
         learned.update({"gpuMemoryBudget": c.new, "gpuBudgetLive": True, "gpuBudgetChangedAt": stamp,
-                        "gpuBudgetRestarts": g.restarts, GPU_RESTART: "", GPU_REJECTED: ""})
+                        "gpuBudgetRestarts": g.restarts, GPU_RESTART: "", GPU_REJECTED: "", GPU_WAITING: "",
+                        GPU_ATTEMPTS: "", GPU_RETRY_AT: ""})
         via = "live (engine admin endpoint)"
     elif res.rejected:
         learned[GPU_REJECTED] = c.new
         via = f"rejected by the engine ({res.detail})"
-    elif res.needs_restart or c.reason in ("Spec", "Bounds"):
-        # (an engine that cannot be reached while the spec wants the change: a restart applies it too)
+    elif res.needs_restart:  # a definite answer: only a restart applies it
         learned[GPU_RESTART] = c.new
         via = f"Rolling ({res.detail})"
     else:
-        log.info("GPU budget of %s not applied yet (%s): retrying on a later pass", c.pod, res.detail)
+        # Busy (a running request needs the KV) or a blip (timeout, 429, 5xx): a replacement would kill in-flight
+        # requests for nothing, so the same change is tried again later, with backoff.
+        attempts = g.attempts + 1
+        why = "busy" if res.busy else "not reachable or failing"
+        learned.update({GPU_WAITING: f"{c.new}: engine {why} ({res.detail})", GPU_ATTEMPTS: attempts,
+                        GPU_RETRY_AT: ts(now + retry_delay(attempts))})
+        log.info("GPU budget of %s not applied yet (%s): retrying later", c.pod, res.detail)
         return
     out.requeue = out.requeue or not res.applied
     history.add(Record(c.pod, "gpuMemoryBudget", c.old, c.new, c.reason, c.message, via))

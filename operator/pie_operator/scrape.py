@@ -9,10 +9,13 @@ The HTTP contract the operator relies on (engine side: engine/pie_engine/server/
   not a finite number >= 0, or text the parser rejects makes the whole scrape stale.
 - ``POST /v1/pie/admin/gpu-memory-budget`` with ``Authorization: Bearer <token>`` (the token the engine read from
   ``--admin-token-file``) and the JSON body ``{"bytes": N}``:
-  200 -> applied live; 409 ``{"error": {"message": "...needs a restart..."}}`` -> not possible live (the operator
+  200 -> applied live; 409 with ``error.code`` ``"busy"`` (an unfinished request needs more KV than the budget holds;
+  older engines say "retry once the request finished" in the message) -> not now: retried later, never a
+  replacement (that would kill the request); any other 409 (``"needs_restart"``) -> not possible live (the operator
   replaces the pod instead); 401/403 (token mismatch, admin disabled) and 404 (an engine without the endpoint) are
-  treated like 409; 400 (the engine refuses the value) is recorded as a rejected decision and not forced through a
-  restart; anything else (timeouts, 5xx, connection errors) is transient and retried on a later pass.
+  treated like ``needs_restart``; 400 (the engine refuses the value) is recorded as a rejected decision and not
+  forced through a restart; anything else (timeouts, 429, 5xx, connection errors) is transient and retried later with
+  backoff: only a definite answer replaces a pod.
 """
 
 from __future__ import annotations
@@ -134,12 +137,19 @@ async def scrape(client: httpx.AsyncClient, ip: str, port: int, timeout: float) 
         return Observation(now, error=f"unreachable ({type(e).__name__})")
 
 
+# How engines from before the machine-readable `busy` code said it (pie_engine/pie/runtime.py's message).
+LEGACY_BUSY = "retry once the request finished"
+
+
 @dataclass(frozen=True)
 class AdminResult:
+    """The engine's answer. None of the flags set: transient (retry later with backoff)."""
+
     applied: bool  # 200: the engine runs with the new budget now
-    needs_restart: bool  # 409/401/403/404: not possible live -> replace the pod
+    needs_restart: bool  # 409 needs_restart / 401 / 403 / 404: not possible live -> replace the pod
     detail: str
     rejected: bool = False  # 400: the engine refuses this value
+    busy: bool = False  # 409 busy: not now (a running request needs the KV) -> retry later, never replace
 
 
 def set_gpu_budget(ip: str, port: int, token: str, budget_bytes: int, timeout: float = 5.0) -> AdminResult:
@@ -152,9 +162,12 @@ def set_gpu_budget(ip: str, port: int, token: str, budget_bytes: int, timeout: f
     if resp.status_code == 200:
         return AdminResult(True, False, "applied live")
     try:
-        message = str(resp.json()["error"]["message"])
+        error = resp.json()["error"]
+        message, code = str(error["message"]), str(error.get("code") or "")
     except Exception:
-        message = resp.text[:200]
+        message, code = resp.text[:200], ""
+    if resp.status_code == 409 and (code == "busy" or LEGACY_BUSY in message):
+        return AdminResult(False, False, f"{resp.status_code}: {message}", busy=True)
     if resp.status_code in (401, 403, 404, 409):
         return AdminResult(False, True, f"{resp.status_code}: {message}")
     return AdminResult(False, False, f"{resp.status_code}: {message}", rejected=resp.status_code == 400)

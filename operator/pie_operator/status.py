@@ -14,7 +14,7 @@ from pie_operator.planning import Pod, is_finished, is_ready, is_terminating, me
 from pie_operator.quantity import format_bytes
 from pie_operator.rollout import PAUSED, ROLLED_BACK, RolloutState
 from pie_operator.scrape import Observation
-from pie_operator.tuning import GPU_REJECTED, GPU_RESTART, effective_budget
+from pie_operator.tuning import GPU_ATTEMPTS, GPU_REJECTED, GPU_RESTART, GPU_RETRY_AT, GPU_WAITING, effective_budget
 
 PHASES = ("Ready", "Progressing", "Degraded", "Invalid")
 API_ERROR = "ApiError"  # Degraded's reason when the Kubernetes API failed a pass
@@ -44,7 +44,7 @@ def _unschedulable(pod: Pod) -> str | None:
 
 # status.pods[] fields the closed loop carries from pass to pass (tuning.py says what they mean).
 CARRIED = ("memoryChangedAt", "gpuBudgetChangedAt", "gpuBudgetLive", "gpuBudgetRestarts", "oomHandledAt",
-           "memoryRecommendation", GPU_RESTART, GPU_REJECTED)
+           "memoryRecommendation", GPU_RESTART, GPU_REJECTED, GPU_WAITING, GPU_ATTEMPTS, GPU_RETRY_AT)
 
 
 def pod_entry(pod: Pod, rollout: RolloutState, obs: Observation | None, memo: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,17 @@ TS = "%Y-%m-%dT%H:%M:%SZ"
 # status.pods[] fields that carry an engine's answer to a live GPU budget change into the next pass (decide.py).
 GPU_RESTART = "gpuBudgetRestart"  # this budget cannot be applied live: the pod is replaced to apply it
 GPU_REJECTED = "gpuBudgetRejected"  # the engine refused this budget: it is not sent again
+# A live change the engine did not take yet -- busy (a running request needs the KV) or a transient error -- is
+# retried, never turned into a replacement: why it waits, how many tries failed, and not before when.
+GPU_WAITING = "gpuBudgetWaiting"
+GPU_ATTEMPTS = "gpuBudgetAttempts"
+GPU_RETRY_AT = "gpuBudgetRetryAt"
+RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 5.0, 300.0
+
+
+def retry_delay(attempts: int) -> float:
+    """Exponential backoff after `attempts` failed tries (5 s, 10 s, 20 s, ... at most 5 min)."""
+    return float(min(RETRY_BASE_SECONDS * 2 ** max(attempts - 1, 0), RETRY_MAX_SECONDS))
 
 
 def ts(t: float) -> str:
