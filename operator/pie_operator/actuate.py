@@ -21,10 +21,21 @@ from pie_operator.planning import Plan
 from pie_operator.scrape import AdminResult, set_gpu_budget
 from pie_operator.snapshot import Snapshot
 from pie_operator.status import condition_events
-from pie_operator.tuning import GPU_ATTEMPTS, GPU_REJECTED, GPU_RESTART, GPU_RETRY_AT, GPU_WAITING, TS, retry_delay, ts
+from pie_operator.tuning import (
+    GPU_ATTEMPTS,
+    GPU_REJECTED,
+    GPU_RESTART,
+    GPU_RETRY_AT,
+    GPU_WAITING,
+    RESIZE_REJECTED,
+    TS,
+    retry_delay,
+    ts,
+)
 
 log = logging.getLogger(__name__)
 HISTORY = 20  # status.decisions keeps the last this many
+REFUSED = (400, 403, 422)  # the apiserver's definite no to a pods/resize (invalid, e.g. a QoS change; forbidden)
 SetBudget = Callable[[str, int, str, int], AdminResult]  # (pod IP, port, admin token, bytes) -> the engine's answer
 
 
@@ -141,17 +152,22 @@ def _execute(kube: Kube, body: dict[str, Any], steps: Plan, new_pod: dict[str, A
 
 
 def _memory(kube: Kube, body: dict[str, Any], m: MemoryAction, history: History, stamp: str, out: Outcome) -> None:
-    """A memory decision: resized in place (recorded once the apiserver accepted it), or recorded as it is."""
+    """A memory decision: resized in place (requested once the apiserver accepted it; status.pods[].resize follows
+    what the kubelet does with it), or recorded as it is."""
     pod = m.record.pod
     if m.resize is not None:
         try:
             kube.resize_pod(body["metadata"]["namespace"], pod, builders.ENGINE_CONTAINER, *m.resize)
         except ApiException as e:
-            kube.post_event(body, "Warning", "ResizeFailed", f"could not resize pod {pod}: {e.reason}: {e.body}")
+            definite = e.status in REFUSED
+            if definite:  # the same request would be refused again: the next pass replaces the pod instead
+                out.learned.setdefault(pod, {})[RESIZE_REJECTED] = m.resize[0]
+            kube.post_event(body, "Warning", "ResizeFailed", f"could not resize pod {pod}: {e.reason}: {e.body}"
+                            + ("; the pod is replaced instead" if definite else "; retried on a later pass"))
             return
         out.resized.append(pod)
         out.pods_changed = True
-        out.learned.setdefault(pod, {})["memoryChangedAt"] = stamp
+        out.learned.setdefault(pod, {}).update({"memoryChangedAt": stamp, RESIZE_REJECTED: ""})
     history.add(m.record)
 
 

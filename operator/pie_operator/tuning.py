@@ -21,6 +21,7 @@ from pie_operator.memory import MemoryDecision, limit_bytes, pool_bounds, reques
 from pie_operator.observe import PodView
 from pie_operator.planning import Pod, memory_request
 from pie_operator.quantity import format_bytes, parse_bytes, resolve_budget
+from pie_operator.resize import INFEASIBLE, WAITING, qos_change, resize_state
 from pie_operator.spec import PieDeploymentSpec
 
 TS = "%Y-%m-%dT%H:%M:%SZ"
@@ -29,6 +30,7 @@ GPU_RESTART = "gpuBudgetRestart"  # this budget cannot be applied live: the pod 
 GPU_REJECTED = "gpuBudgetRejected"  # the engine refused this budget: it is not sent again
 # A live change the engine did not take yet -- busy (a running request needs the KV) or a transient error -- is
 # retried, never turned into a replacement: why it waits, how many tries failed, and not before when.
+RESIZE_REJECTED = "resizeRejected"  # a memory request the apiserver refused to resize to: replaced, not resent
 GPU_WAITING = "gpuBudgetWaiting"
 GPU_ATTEMPTS = "gpuBudgetAttempts"
 GPU_RETRY_AT = "gpuBudgetRetryAt"
@@ -137,8 +139,11 @@ def template_budget(spec: PieDeploymentSpec, previous: str | None) -> str:
 
 
 def plan_tuning(spec: PieDeploymentSpec, decision: MemoryDecision, pods: list[Pod], prev_pods: dict[str, dict],
-                views: dict[str, PodView], *, now: float, resize_supported: bool, tmpl_request: int) -> TuningPlan:
-    """Decide memory and GPU changes for `pods` (the running pods of the target revision)."""
+                views: dict[str, PodView], *, now: float, resize_supported: bool | None, tmpl_request: int
+                ) -> TuningPlan:
+    """Decide memory and GPU changes for `pods` (the running pods of the target revision). `resize_supported`
+    None (InPlace, but the apiserver could not say whether it resizes): no memory decision this pass -- neither a
+    resize nor a replacement is decided on a transient error."""
     out = TuningPlan(template_request=tmpl_request)
     t, mem = knobs(spec), spec.memory
     min_pool, max_pool = pool_bounds(mem)
@@ -148,7 +153,12 @@ def plan_tuning(spec: PieDeploymentSpec, decision: MemoryDecision, pods: list[Po
         memo = out.memo.setdefault(name, {})
         stale = view.last is None or not view.last.ok
         born = parse_ts(pod["metadata"].get("creationTimestamp")) or now
-        if (current := memory_request(pod)) is not None:
+        state, why = resize_state(pod)
+        if state == INFEASIBLE and mem.apply == "InPlace":  # the node can never fit it: elsewhere, then
+            out.replace[name] = f"ResizeInfeasible: the node cannot fit the resized pod ({why or 'Infeasible'})"
+        elif state in WAITING:
+            pass  # the kubelet has not finished the last resize (a Deferred one it retries by itself): wait
+        elif (current := memory_request(pod)) is not None and resize_supported is not None:
             oom, marker = oom_kill(pod, prev)
             pod_limit = memory_limit(pod)
             c = decide_memory(MemoryInputs(
@@ -158,8 +168,8 @@ def plan_tuning(spec: PieDeploymentSpec, decision: MemoryDecision, pods: list[Po
             if c is not None:
                 if c.reason.startswith("OOMKilled"):
                     memo["oomHandledAt"] = marker
-                _memory_action(out, name, c, mem.apply, resize_supported, _new_limit(c, limit_bytes(
-                    mem, decision, c.new), pod_limit))
+                _memory_action(out, pod, c, mem.apply, resize_supported, _new_limit(c, limit_bytes(
+                    mem, decision, c.new), pod_limit), prev)
         gpu = _gpu_change(spec, t, pod, prev, view, stale, born, now)
         if gpu is not None:
             out.gpu.append(gpu)
@@ -174,20 +184,28 @@ def _new_limit(c: Change, formula: int | None, current: int | None) -> int | Non
     return None if formula is None else max(formula, current or 0)
 
 
-def _memory_action(out: TuningPlan, name: str, c: Change, apply: str, resize_supported: bool,
-                   limit: int | None) -> None:
+def _memory_action(out: TuningPlan, pod: Pod, c: Change, apply: str, resize_supported: bool, limit: int | None,
+                   prev: dict[str, Any]) -> None:
+    name = pod["metadata"]["name"]
     if c.reason == "OOMKilledAtMax":  # nothing left to give; reported once
         out.changes.append((name, c, "none"))
         return
     if apply == "Off":
         out.memo[name]["memoryRecommendation"] = format_bytes(c.new)
         return
+    request, new_limit = format_bytes(c.new), None if limit is None else format_bytes(limit)
+    how = "Rolling" if apply == "Rolling" else "Rolling (in-place resize unsupported by the cluster)"
     if apply == "InPlace" and resize_supported:
-        out.resize[name] = (format_bytes(c.new), None if limit is None else format_bytes(limit))
-        how = "InPlace"
-    else:
-        out.replace[name] = f"MemoryChanged: memory request {format_bytes(c.old)} -> {format_bytes(c.new)}"
-        how = "Rolling" if apply == "Rolling" else "Rolling (in-place resize unsupported by the cluster)"
+        # What the apiserver refuses is never sent (again): a QoS class change, or a value it refused already.
+        if (qos := qos_change(pod, request, new_limit)) is not None:
+            how = f"Rolling (a resize would change the pod's QoS class {qos[0]} -> {qos[1]})"
+        elif prev.get(RESIZE_REJECTED) == request:
+            how = "Rolling (the apiserver refused the resize)"
+        else:
+            how = "InPlace"
+            out.resize[name] = (request, new_limit)
+    if how != "InPlace":
+        out.replace[name] = f"MemoryChanged: memory request {format_bytes(c.old)} -> {request}"
     out.template_request = c.new
     out.changes.append((name, c, how))
 
