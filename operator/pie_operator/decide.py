@@ -18,7 +18,7 @@ from typing import Any
 from pie_operator import builders, memory
 from pie_operator.memory import initial_decision, pod_memory
 from pie_operator.planning import Plan, Pod, is_finished, is_ready, is_terminating, plan, revision
-from pie_operator.quantity import format_bytes
+from pie_operator.quantity import format_bytes, parse_bytes
 from pie_operator.rollout import RolloutState, advance, baseline_stall, gate_verdict
 from pie_operator.scrape import Observation
 from pie_operator.snapshot import Snapshot
@@ -125,15 +125,20 @@ def decide(snap: Snapshot) -> ReconcilePlan:
              and revision(p) == target.revision and p.get("status", {}).get("podIP")]
     tplan = plan_tuning(spec, initial, tuned, prev_pods, snap.views, now=now.timestamp(),
                         resize_supported=snap.resize_supported,
-                        tmpl_request=template_request(spec, prev_memory.get("hostMemoryRequest")))
+                        tmpl_request=template_request(spec, prev_memory.get("hostMemoryRequest")),
+                        tmpl_limit=parse_bytes(prev_memory["hostMemoryLimit"]) if prev_memory.get("hostMemoryLimit")
+                        else None)
     surge, unavailable = spec.rollout.bounds(spec.replicas)
     gpu = _gpu(tplan.gpu, {p["metadata"]["name"]: p for p in tuned}, prev_pods, spec.engine.port, last=last,
                now=now.timestamp(), max_live=max(1, unavailable))
     budget = template_budget(spec, prev_memory.get("gpuMemoryBudget"))
     if gpu.latest is not None and spec.memory.tuning.gpu_memory_budget_min is not None:
         budget = gpu.latest
-    decision = memory.decide(spec.memory, tplan.template_request, budget)  # what new pods get
+    decision = memory.decide(spec.memory, tplan.template_request, budget, tplan.template_limit)  # what new pods get
     request, limit = pod_memory(spec.memory, decision)
+    status_memory = {"hostMemoryRequest": request, "gpuMemoryBudget": decision.gpu_memory_budget}
+    if tplan.template_limit is not None or "hostMemoryLimit" in prev_memory:  # (a merge patch never drops a key)
+        status_memory["hostMemoryLimit"] = format_bytes(tplan.template_limit) if tplan.template_limit else ""
 
     passed = set(rollout.passed)
     desired = [builders.service(spec, name, namespace, owner),
@@ -154,8 +159,7 @@ def decide(snap: Snapshot) -> ReconcilePlan:
         events=_scrape_events(prev_pods, last),
         rollout=rollout,
         memo={pod: {**tplan.memo.get(pod, {}), **gpu.memo.get(pod, {})} for pod in {*tplan.memo, *gpu.memo}},
-        status_memory={"hostMemoryRequest": request, "gpuMemoryBudget": decision.gpu_memory_budget,
-                       "expansionRatio": _expansion_ratio(last, decision.expansion_ratio)})
+        status_memory={**status_memory, "expansionRatio": _expansion_ratio(last, decision.expansion_ratio)})
 
 
 def desired_status(snap: Snapshot, plan: ReconcilePlan, pods: list[Pod], learned: dict[str, dict[str, Any]],

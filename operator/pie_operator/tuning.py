@@ -120,6 +120,7 @@ class TuningPlan:
     changes: list[tuple[str, Change, str]] = field(default_factory=list)  # (pod, memory change, how applied)
     memo: dict[str, dict[str, Any]] = field(default_factory=dict)  # pod -> status.pods[] fields to carry
     template_request: int = 0
+    template_limit: int | None = None  # a limit an OOM kill raised: new pods get it too
 
 
 def template_request(spec: PieDeploymentSpec, previous: str | None) -> int:
@@ -139,12 +140,12 @@ def template_budget(spec: PieDeploymentSpec, previous: str | None) -> str:
 
 
 def plan_tuning(spec: PieDeploymentSpec, decision: MemoryDecision, pods: list[Pod], prev_pods: dict[str, dict],
-                views: dict[str, PodView], *, now: float, resize_supported: bool | None, tmpl_request: int
-                ) -> TuningPlan:
+                views: dict[str, PodView], *, now: float, resize_supported: bool | None, tmpl_request: int,
+                tmpl_limit: int | None = None) -> TuningPlan:
     """Decide memory and GPU changes for `pods` (the running pods of the target revision). `resize_supported`
     None (InPlace, but the apiserver could not say whether it resizes): no memory decision this pass -- neither a
     resize nor a replacement is decided on a transient error."""
-    out = TuningPlan(template_request=tmpl_request)
+    out = TuningPlan(template_request=tmpl_request, template_limit=tmpl_limit)
     t, mem = knobs(spec), spec.memory
     min_pool, max_pool = pool_bounds(mem)
     for pod in pods:
@@ -207,6 +208,8 @@ def _memory_action(out: TuningPlan, pod: Pod, c: Change, apply: str, resize_supp
     if how != "InPlace":
         out.replace[name] = f"MemoryChanged: memory request {format_bytes(c.old)} -> {request}"
     out.template_request = c.new
+    if c.limit is not None:  # killed at its limit: so would a new pod be
+        out.template_limit = max(out.template_limit or 0, c.limit)
     out.changes.append((name, c, how))
 
 

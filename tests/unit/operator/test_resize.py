@@ -162,3 +162,23 @@ def test_discovery_errors_are_no_answer_and_asked_again(monkeypatch: pytest.Monk
     monkeypatch.setattr(kube, "_request", request)
     assert kube.supports_resize() is None
     assert kube.supports_resize() is True and answers == []
+
+
+def test_an_oom_kill_at_the_limit_carries_the_raised_limit_to_new_pods() -> None:
+    """Rolling: the OOM-killed pod is replaced; its replacement (and any new pod) gets the raised limit, not the one
+    the engine was killed at. Then an unchanged world writes nothing."""
+    rolling = {"memory.hostMemory": {"max": "8Gi"}, "memory.headroom": "0", "memory.apply": "Rolling"}
+    kube = converged(rolling)
+    killed = next(iter(kube.pods))
+    kube.pods[killed]["status"]["containerStatuses"][0]["lastState"] = {
+        "terminated": {"reason": "OOMKilled", "finishedAt": "2025-01-01T00:00:00Z"}}
+    for s in range(60, 66):
+        reconcile(kube, NS, NAME, **later(s))
+        kube.run_pods()
+    (new,) = [p for k, p in kube.pods.items() if k != killed
+              and p["spec"]["containers"][0]["resources"]["requests"]["memory"] == "19661Mi"]  # 16Gi x 1.2
+    assert new["spec"]["containers"][0]["resources"]["limits"]["memory"] == "29492Mi"  # 24Gi x 1.2, not 24Gi
+    assert status(kube)["memory"]["hostMemoryLimit"] == "29492Mi"
+    kube.clear()
+    reconcile(kube, NS, NAME, **later(70))
+    assert kube.writes == []
