@@ -2,19 +2,22 @@
 pod-resize-not-actuated in tests/cluster/kwok-stages.yaml answers PodResizePending, reason Deferred or Infeasible,
 for pods labelled pie.test/resize). The operator must report what the kubelet did, not what the apiserver accepted:
 Deferred -> status says so and the pod is kept (the kubelet retries; once it actuates, status says Done);
-Infeasible -> with memory.apply InPlace the pod is replaced by one that gets the new request.
+Infeasible -> with memory.apply InPlace the pod is replaced by one that gets the new request. And the QoS rule the
+operator uses to never send a resize the apiserver refuses is checked against the apiserver itself.
 
 Each test has its own namespace, operator and PieDeployment, so any one passes alone or in any order.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pie_operator.resize import qos_change
 from tests.cluster.cluster import Cluster
 from tests.e2e.helpers import Operator, events, get, wait_for
 from tests.e2e.test_operator import NAME, apply_minimal, converged, engine_pods, patch
@@ -96,3 +99,25 @@ def test_infeasible_resize_replaces_the_pod_with_the_new_request(k8s: Cluster, n
     assert pied["status"]["pods"][0]["memoryRequest"] == "48Gi"
     deleted = [e for e in events(k8s, ns, NAME) if e["reason"] == "DeletedResizeInfeasible"]
     assert deleted and name in deleted[0]["message"], [e["reason"] for e in events(k8s, ns, NAME)]
+
+
+def test_the_qos_rule_agrees_with_the_apiserver(k8s: Cluster, ns: str) -> None:
+    """resize.qos_change says which resizes the apiserver refuses (a QoS class change): ask the apiserver."""
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "g"}, "spec": {
+        "containers": [{"name": "engine", "image": "registry.k8s.io/pause:3.10", "resources": {
+            "requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}}}],
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "terminationGracePeriodSeconds": 0}}
+    k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(pod))
+    k8s.kubectl("wait", "-n", ns, "--for=condition=Ready", "pod/g", "--timeout=60s", timeout=70)
+    # Guaranteed -> Burstable (refused), then request and limit together (accepted), then Burstable again.
+    for request, limit in (("1Gi", "2Gi"), ("3Gi", "3Gi"), ("2Gi", "3Gi")):
+        current = get(k8s, ns, "pod", "g")
+        predicted = qos_change(current, request, limit)
+        body = {"spec": {"containers": [{"name": "engine", "resources": {
+            "requests": {"memory": request}, "limits": {"memory": limit}}}]}}
+        r = k8s.kubectl("patch", "-n", ns, "pod/g", "--subresource=resize", "--type=strategic", "-p",
+                        json.dumps(body), check=False)
+        assert (r.returncode != 0) == (predicted is not None), (request, limit, predicted, r.stderr)
+        if predicted is not None:
+            assert "qos" in r.stderr.lower(), r.stderr
