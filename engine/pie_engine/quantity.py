@@ -103,6 +103,18 @@ class Budget:
             return self.nbytes
         return None if total is None else int(self.fraction * total)
 
+    def kv_bytes(self, total: int | None, overhead: int | None) -> int | None:
+        """Device KV bytes of the budget: THE meaning of a budget, at start-up and live alike. Bytes are the KV
+        budget itself. A fraction is the share of the device's ``total`` memory the engine may hold in all, so the KV
+        gets it minus ``overhead``, what the engine holds besides KV (measured once at start: the weights and
+        whatever else was in use then, plus the activation reserve; ``pie_gpu_memory_overhead_bytes``). None for a
+        fraction while either is unknown. Can be <= 0 (the fraction does not even cover the overhead)."""
+        if self.fraction is None:
+            return self.nbytes
+        if total is None or overhead is None:
+            return None
+        return int(self.fraction * total) - overhead
+
 
 def is_fraction(value: str) -> bool:
     """Whether a budget is written as a fraction of the device (``0.9``, ``.5``, ``1``) rather than bytes."""

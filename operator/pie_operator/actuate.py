@@ -21,10 +21,21 @@ from pie_operator.planning import Plan
 from pie_operator.scrape import AdminResult, set_gpu_budget
 from pie_operator.snapshot import Snapshot
 from pie_operator.status import condition_events
-from pie_operator.tuning import GPU_REJECTED, GPU_RESTART, TS
+from pie_operator.tuning import (
+    GPU_ATTEMPTS,
+    GPU_REJECTED,
+    GPU_RESTART,
+    GPU_RETRY_AT,
+    GPU_WAITING,
+    RESIZE_REJECTED,
+    TS,
+    retry_delay,
+    ts,
+)
 
 log = logging.getLogger(__name__)
 HISTORY = 20  # status.decisions keeps the last this many
+REFUSED = (400, 403, 422)  # the apiserver's definite no to a pods/resize (invalid, e.g. a QoS change; forbidden)
 SetBudget = Callable[[str, int, str, int], AdminResult]  # (pod IP, port, admin token, bytes) -> the engine's answer
 
 
@@ -82,7 +93,7 @@ def act(kube: Kube, snap: Snapshot, plan: ReconcilePlan, *, set_budget: SetBudge
         history.add(r)
     # Engines first: the ConfigMap and new pods carry the budgets the plan expects them to take live.
     for g in plan.gpu:
-        _gpu(g, set_budget(g.ip, g.port, token, g.bytes), history, stamp, out)
+        _gpu(g, set_budget(g.ip, g.port, token, g.bytes), history, stamp, snap.now.timestamp(), out)
     if not out.requeue:
         _serving(kube, body, plan.serving)  # before the Service: an upgraded selector finds its pods labelled
         for obj in plan.apply:
@@ -94,23 +105,29 @@ def act(kube: Kube, snap: Snapshot, plan: ReconcilePlan, *, set_budget: SetBudge
     return out
 
 
-def _gpu(g: GpuLive, res: AdminResult, history: History, stamp: str, out: Outcome) -> None:
+def _gpu(g: GpuLive, res: AdminResult, history: History, stamp: str, now: float, out: Outcome) -> None:
     c = g.change
     learned = out.learned.setdefault(c.pod, {})
     if res.applied:
         out.gpu_live.append(c.pod)
         learned.update({"gpuMemoryBudget": c.new, "gpuBudgetLive": True, "gpuBudgetChangedAt": stamp,
-                        "gpuBudgetRestarts": g.restarts, GPU_RESTART: "", GPU_REJECTED: ""})
+                        "gpuBudgetRestarts": g.restarts, GPU_RESTART: "", GPU_REJECTED: "", GPU_WAITING: "",
+                        GPU_ATTEMPTS: "", GPU_RETRY_AT: ""})
         via = "live (engine admin endpoint)"
     elif res.rejected:
         learned[GPU_REJECTED] = c.new
         via = f"rejected by the engine ({res.detail})"
-    elif res.needs_restart or c.reason in ("Spec", "Bounds"):
-        # (an engine that cannot be reached while the spec wants the change: a restart applies it too)
+    elif res.needs_restart:  # a definite answer: only a restart applies it
         learned[GPU_RESTART] = c.new
         via = f"Rolling ({res.detail})"
     else:
-        log.info("GPU budget of %s not applied yet (%s): retrying on a later pass", c.pod, res.detail)
+        # Busy (a running request needs the KV) or a blip (timeout, 429, 5xx): a replacement would kill in-flight
+        # requests for nothing, so the same change is tried again later, with backoff.
+        attempts = g.attempts + 1
+        why = "busy" if res.busy else "not reachable or failing"
+        learned.update({GPU_WAITING: f"{c.new}: engine {why} ({res.detail})", GPU_ATTEMPTS: attempts,
+                        GPU_RETRY_AT: ts(now + retry_delay(attempts))})
+        log.info("GPU budget of %s not applied yet (%s): retrying later", c.pod, res.detail)
         return
     out.requeue = out.requeue or not res.applied
     history.add(Record(c.pod, "gpuMemoryBudget", c.old, c.new, c.reason, c.message, via))
@@ -147,17 +164,22 @@ def _execute(kube: Kube, body: dict[str, Any], steps: Plan, new_pod: dict[str, A
 
 
 def _memory(kube: Kube, body: dict[str, Any], m: MemoryAction, history: History, stamp: str, out: Outcome) -> None:
-    """A memory decision: resized in place (recorded once the apiserver accepted it), or recorded as it is."""
+    """A memory decision: resized in place (requested once the apiserver accepted it; status.pods[].resize follows
+    what the kubelet does with it), or recorded as it is."""
     pod = m.record.pod
     if m.resize is not None:
         try:
             kube.resize_pod(body["metadata"]["namespace"], pod, builders.ENGINE_CONTAINER, *m.resize)
         except ApiException as e:
-            kube.post_event(body, "Warning", "ResizeFailed", f"could not resize pod {pod}: {e.reason}: {e.body}")
+            definite = e.status in REFUSED
+            if definite:  # the same request would be refused again: the next pass replaces the pod instead
+                out.learned.setdefault(pod, {})[RESIZE_REJECTED] = m.resize[0]
+            kube.post_event(body, "Warning", "ResizeFailed", f"could not resize pod {pod}: {e.reason}: {e.body}"
+                            + ("; the pod is replaced instead" if definite else "; retried on a later pass"))
             return
         out.resized.append(pod)
         out.pods_changed = True
-        out.learned.setdefault(pod, {})["memoryChangedAt"] = stamp
+        out.learned.setdefault(pod, {}).update({"memoryChangedAt": stamp, RESIZE_REJECTED: ""})
     history.add(m.record)
 
 

@@ -18,16 +18,20 @@ from typing import Any
 from pie_operator import builders, memory
 from pie_operator.memory import initial_decision, pod_memory
 from pie_operator.planning import Plan, Pod, is_finished, is_ready, is_terminating, plan, revision
-from pie_operator.quantity import format_bytes
+from pie_operator.quantity import format_bytes, parse_bytes
 from pie_operator.rollout import RolloutState, advance, baseline_stall, gate_verdict, serving
 from pie_operator.scrape import Observation
 from pie_operator.snapshot import Snapshot
 from pie_operator.status import compute_status, invalid_status
 from pie_operator.tuning import (
+    GPU_ATTEMPTS,
     GPU_REJECTED,
     GPU_RESTART,
+    GPU_RETRY_AT,
+    GPU_WAITING,
     GpuChange,
     container_status,
+    parse_ts,
     plan_tuning,
     template_budget,
     template_request,
@@ -56,6 +60,7 @@ class GpuLive:
     ip: str
     port: int
     restarts: int  # the container's restartCount now: a restart would bring back its --gpu-memory-budget
+    attempts: int = 0  # earlier tries of a change the engine did not take yet (busy, transient): the backoff
 
 
 @dataclass(frozen=True)
@@ -121,15 +126,21 @@ def decide(snap: Snapshot) -> ReconcilePlan:
              and revision(p) == target.revision and p.get("status", {}).get("podIP")]
     tplan = plan_tuning(spec, initial, tuned, prev_pods, snap.views, now=now.timestamp(),
                         resize_supported=snap.resize_supported,
-                        tmpl_request=template_request(spec, prev_memory.get("hostMemoryRequest")))
-    gpu = _gpu(tplan.gpu, {p["metadata"]["name"]: p for p in tuned}, prev_pods, spec.engine.port)
+                        tmpl_request=template_request(spec, prev_memory.get("hostMemoryRequest")),
+                        tmpl_limit=parse_bytes(prev_memory["hostMemoryLimit"]) if prev_memory.get("hostMemoryLimit")
+                        else None)
+    surge, unavailable = spec.rollout.bounds(spec.replicas)
+    gpu = _gpu(tplan.gpu, {p["metadata"]["name"]: p for p in tuned}, prev_pods, spec.engine.port, last=last,
+               now=now.timestamp(), max_live=max(1, unavailable))
     budget = template_budget(spec, prev_memory.get("gpuMemoryBudget"))
     if gpu.latest is not None and spec.memory.tuning.gpu_memory_budget_min is not None:
         budget = gpu.latest
-    decision = memory.decide(spec.memory, tplan.template_request, budget)  # what new pods get
+    decision = memory.decide(spec.memory, tplan.template_request, budget, tplan.template_limit)  # what new pods get
     request, limit = pod_memory(spec.memory, decision)
+    status_memory = {"hostMemoryRequest": request, "gpuMemoryBudget": decision.gpu_memory_budget}
+    if tplan.template_limit is not None or "hostMemoryLimit" in prev_memory:  # (a merge patch never drops a key)
+        status_memory["hostMemoryLimit"] = format_bytes(tplan.template_limit) if tplan.template_limit else ""
 
-    surge, unavailable = spec.rollout.bounds(spec.replicas)
     passed = set(rollout.passed)
     create_revision, create_template = target.creates()
     routed = serving(rollout, snap.pods)
@@ -154,8 +165,7 @@ def decide(snap: Snapshot) -> ReconcilePlan:
         events=_scrape_events(prev_pods, last),
         rollout=rollout,
         memo={pod: {**tplan.memo.get(pod, {}), **gpu.memo.get(pod, {})} for pod in {*tplan.memo, *gpu.memo}},
-        status_memory={"hostMemoryRequest": request, "gpuMemoryBudget": decision.gpu_memory_budget,
-                       "expansionRatio": _expansion_ratio(last, decision.expansion_ratio)})
+        status_memory={**status_memory, "expansionRatio": _expansion_ratio(last, decision.expansion_ratio)})
 
 
 def desired_status(snap: Snapshot, plan: ReconcilePlan, pods: list[Pod], learned: dict[str, dict[str, Any]],
@@ -185,11 +195,27 @@ class _Gpu:
     latest: str | None = None  # the last budget decided (new pods start with it)
 
 
-def _gpu(changes: list[GpuChange], pods: dict[str, Pod], prev_pods: dict[str, dict[str, Any]], port: int) -> _Gpu:
+def _settling(prev: dict[str, Any], obs: Observation | None) -> bool:
+    """A budget applied live whose engine has not been seen healthy since (no ok scrape begun after the change)."""
+    changed = parse_ts(prev.get("gpuBudgetChangedAt"))
+    if changed is None or not prev.get("gpuBudgetLive"):
+        return False
+    return obs is None or not obs.ok or obs.at < changed + 1  # the stamp has whole seconds
+
+
+def _gpu(changes: list[GpuChange], pods: dict[str, Pod], prev_pods: dict[str, dict[str, Any]], port: int, *,
+         last: dict[str, Observation | None], now: float, max_live: int) -> _Gpu:
     """How each GPU budget change is applied: live through the engine, or by replacing the pod where the engine
-    cannot take it live (a fraction of an unknown GPU size; an earlier answer, GPU_RESTART)."""
+    cannot take it live (a fraction of an unknown GPU size; an earlier answer, GPU_RESTART).
+
+    Live changes are gated like a rollout step: at most `max_live` engines (maxUnavailable, at least one) are
+    changed or settling at a time -- the next one only once the previous one's engine was scraped healthy after its
+    change -- and a change the engine did not take yet waits out its backoff (GPU_RETRY_AT)."""
     out = _Gpu()
-    for g in changes:
+    settling = {pod for pod in pods if _settling(prev_pods.get(pod, {}), last.get(pod))}
+    waiting = {pod for pod in pods if prev_pods.get(pod, {}).get(GPU_WAITING)}  # they keep their slot
+    slots = max_live - len(settling | waiting)
+    for g in sorted(changes, key=lambda g: g.pod):
         prev = prev_pods.get(g.pod, {})
         if prev.get(GPU_REJECTED) == g.new:
             continue  # refused by the engine: not forced through a restart either (a new decision is tried)
@@ -198,15 +224,22 @@ def _gpu(changes: list[GpuChange], pods: dict[str, Pod], prev_pods: dict[str, di
             if g.bytes is None:  # (an engine's GPU_RESTART answer was recorded when it came)
                 out.recorded.append(Record(g.pod, "gpuMemoryBudget", g.old, g.new, g.reason, g.message,
                                            "Rolling (the budget is a fraction and the GPU size is unknown)"))
-        else:
-            p = pods[g.pod]
-            out.live.append(GpuLive(g, g.bytes, p["status"]["podIP"], port, container_status(p).get("restartCount", 0)))
+        elif g.pod not in settling and (g.pod in waiting or slots > 0):
+            if g.pod not in waiting:
+                slots -= 1
+            if now >= (parse_ts(prev.get(GPU_RETRY_AT)) or 0.0):
+                p = pods[g.pod]
+                out.live.append(GpuLive(g, g.bytes, p["status"]["podIP"], port,
+                                        container_status(p).get("restartCount", 0),
+                                        attempts=int(prev.get(GPU_ATTEMPTS) or 0)))
         out.latest = g.new
     # An answer about a budget no longer decided is stale (the decision moved on, or the engine runs with it now).
     for pod, prev in prev_pods.items():
         for key in (GPU_RESTART, GPU_REJECTED):
             if prev.get(key) and not any(g.pod == pod and g.new == prev[key] for g in changes):
                 out.memo.setdefault(pod, {})[key] = ""
+        if prev.get(GPU_WAITING) and not any(g.pod == pod for g in changes):
+            out.memo.setdefault(pod, {}).update({GPU_WAITING: "", GPU_ATTEMPTS: "", GPU_RETRY_AT: ""})
     return out
 
 

@@ -4,7 +4,9 @@ No I/O and no clock: callers pass `now` (unix seconds) and the samples. Rules, i
 
 1. Bounds (spec-driven, immediate): a value outside the spec's bounds is clamped to them.
 2. OOM (memory only, immediate): an engine container OOM-killed since the last bump gets max(request x 1.2,
-   request + 100Mi), clamped to the maximum -- as the Vertical Pod Autoscaler does.
+   request + 100Mi), clamped to the maximum -- as the Vertical Pod Autoscaler does. A container with a memory limit
+   was killed at that limit, so the limit moves by the same rule (else the next kill would come at the same place);
+   one without a limit was killed under node memory pressure, which only a larger request (scheduling) avoids.
 3. Metrics: a high percentile of the samples in the window, clamped to the bounds, replaces the current value only
    when ALL hold: the latest scrape is fresh (stale data never causes a change), the window holds at least
    `min_samples` samples (so an operator restart, which empties the in-memory window, never causes a change by
@@ -78,13 +80,15 @@ class OOMKill:
 
 @dataclass(frozen=True)
 class Change:
-    """A decided change of one field of one pod. `new == old` only for OOMKilledAtMax (nothing left to give)."""
+    """A decided change of one field of one pod. `new == old` for OOMKilledAtMax (nothing left to give), and for an
+    OOM kill at a limit while the request is at its maximum (only the limit moves)."""
 
     field: str  # "memory" | "gpuMemoryBudget"
     old: int
     new: int
     reason: str  # Bounds | OOMKilled | OOMKilledAtMax | Metrics
     message: str
+    limit: int | None = None  # memory only: the container's new memory limit when this change moves it
 
 
 def percentile(values: Sequence[int], q: float) -> int:
@@ -141,6 +145,28 @@ class MemoryInputs:
     stale: bool
     last_change: float
     oom: OOMKill | None = None
+    limit: int | None = None  # the container's memory limit now (None: no limit)
+
+
+def _bump(n: int) -> int:
+    return round_up(max(math.ceil(n * OOM_BUMP_RATIO), n + OOM_MIN_BUMP))
+
+
+def _oom(x: MemoryInputs, lo: int, hi: int | None) -> Change:
+    """The answer to an OOM kill: where it happened decides what moves (module docstring, rule 2)."""
+    request = clamp(_bump(x.current), lo, hi)
+    if x.limit is not None:
+        limit = max(_bump(x.limit), request)
+        return Change("memory", x.current, request, "OOMKilled",
+                      f"the engine was OOM-killed at its memory limit {_fmt(x.limit)}: limit raised to "
+                      f"{_fmt(limit)}, request {_fmt(x.current)} -> {_fmt(request)}", limit=limit)
+    if request > x.current:
+        return Change("memory", x.current, request, "OOMKilled",
+                      f"the engine was OOM-killed with no memory limit (node memory pressure, request "
+                      f"{_fmt(x.current)}): request bumped to {_fmt(request)}")
+    return Change("memory", x.current, x.current, "OOMKilledAtMax",
+                  f"the engine was OOM-killed with no memory limit (node memory pressure) at the maximum request "
+                  f"{_fmt(x.current)}: raise memory.hostMemory.max")
 
 
 def decide_memory(x: MemoryInputs, now: float, t: Tuning) -> Change | None:
@@ -150,13 +176,7 @@ def decide_memory(x: MemoryInputs, now: float, t: Tuning) -> Change | None:
     if (c := _bounds("memory", x.current, lo, hi, "memory.hostMemory bounds")) is not None:
         return c
     if x.oom is not None and not x.oom.handled:
-        bumped = clamp(round_up(max(math.ceil(x.current * OOM_BUMP_RATIO), x.current + OOM_MIN_BUMP)), lo, hi)
-        if bumped > x.current:
-            return Change("memory", x.current, bumped, "OOMKilled",
-                          f"the engine was OOM-killed at {_fmt(x.current)}: bumped to {_fmt(bumped)}")
-        return Change("memory", x.current, x.current, "OOMKilledAtMax",
-                      f"the engine was OOM-killed at the maximum request {_fmt(x.current)}: raise "
-                      "memory.hostMemory.max")
+        return _oom(x, lo, hi)
     if x.stale:
         return None
     recent = x.samples

@@ -75,8 +75,9 @@ class Kube(ABC):
         """One namespaced object of `kind` (Secret, Service, ConfigMap, PodDisruptionBudget, ...), or None."""
 
     @abstractmethod
-    def supports_resize(self) -> bool:
-        """Whether the apiserver serves the pods/resize subresource (in-place pod resize)."""
+    def supports_resize(self) -> bool | None:
+        """Whether the apiserver serves the pods/resize subresource (in-place pod resize); None: it could not be told
+        now (a transient API error), so nothing may be decided from it -- ask again on a later pass."""
 
     # --- writes -----------------------------------------------------------------------------------------------
     @abstractmethod
@@ -196,9 +197,10 @@ class ApiKube(Kube):
         self._request("PATCH", self._path("Pod", namespace, name) + "/resize", patch,
                       content_type="application/strategic-merge-patch+json")
 
-    def supports_resize(self) -> bool:
-        """Kubernetes >= 1.33. Asked once per operator process: discovery first, the server version where discovery
-        says nothing."""
+    def supports_resize(self) -> bool | None:
+        """Kubernetes >= 1.33. Asked until answered, then once per operator process: discovery first, the server
+        version where discovery says nothing. A failed request is no answer (None, not cached): one 429 must not turn
+        every in-place resize into a pod replacement."""
         if self._resize is None:
             try:
                 resources = self._request("GET", "/api/v1").get("resources", [])
@@ -209,8 +211,8 @@ class ApiKube(Kube):
                     minor = int(digits.group()) if digits else 0
                     self._resize = (int(v.get("major", "0")), minor) >= (1, 33)
             except (ApiException, ValueError, AttributeError) as e:
-                log.warning("could not tell whether pods/resize is supported (%s): memory changes roll pods", e)
-                return False
+                log.warning("could not tell whether pods/resize is supported (%s): memory changes wait", e)
+                return None
         return self._resize
 
     # --- The engines' admin token ----------------------------------------------------------------------------

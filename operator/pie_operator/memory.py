@@ -27,6 +27,7 @@ class MemoryDecision:
     # specs without the field keep exactly their args and template hash (no rollout on operator upgrade).
     expansion_latency_target: float | None
     memory_request: int | None = None  # the decided pod memory request; None: base + pool + headroom(pool)
+    memory_limit: int | None = None  # a limit an OOM kill raised: new pods keep it (else they die at the old one)
 
     @property
     def expansion_ratio(self) -> str:
@@ -57,11 +58,13 @@ def initial_decision(memory: MemorySpec) -> MemoryDecision:
     )
 
 
-def decide(memory: MemorySpec, memory_request: int | None = None, gpu_memory_budget: str | None = None
-           ) -> MemoryDecision:
-    """The decision new pods get: the initial one, with the latest decided request / GPU budget when given."""
+def decide(memory: MemorySpec, memory_request: int | None = None, gpu_memory_budget: str | None = None,
+           memory_limit: int | None = None) -> MemoryDecision:
+    """The decision new pods get: the initial one, with the latest decided request / GPU budget / OOM-raised limit
+    when given."""
     d = initial_decision(memory)
-    return replace(d, memory_request=memory_request, gpu_memory_budget=gpu_memory_budget or d.gpu_memory_budget)
+    return replace(d, memory_request=memory_request, gpu_memory_budget=gpu_memory_budget or d.gpu_memory_budget,
+                   memory_limit=memory_limit)
 
 
 def pool_bounds(memory: MemorySpec) -> tuple[int, int | None]:
@@ -78,10 +81,11 @@ def request_bytes(memory: MemorySpec, pool_bytes: int) -> int:
 
 
 def limit_bytes(memory: MemorySpec, decision: MemoryDecision, request: int) -> int | None:
-    """The memory limit (only when hostMemory.max bounds the pool): base + max + headroom(max), >= the request."""
+    """The memory limit (only when hostMemory.max bounds the pool): base + max + headroom(max), >= the request, and
+    at least a limit an OOM kill raised (decision.memory_limit)."""
     if decision.host_memory_limit is None:
         return None
-    return max(request, request_bytes(memory, decision.host_memory_limit))
+    return max(request, request_bytes(memory, decision.host_memory_limit), decision.memory_limit or 0)
 
 
 def pod_memory(memory: MemorySpec, decision: MemoryDecision) -> tuple[str, str | None]:

@@ -52,7 +52,9 @@ def resolve_int_or_percent(value: int | str, total: int, round_up: bool) -> int:
     return math.ceil(frac) if round_up else math.floor(frac)
 
 
-def resolve_budget(budget: str, gpu_total: int | None) -> int | None:
-    """Bytes of a GPU budget; None for a fraction while the GPU's total memory is unknown (None or 0: no GPU
-    metrics yet)."""
-    return parse_budget(budget).resolve(gpu_total or None)
+def resolve_budget(budget: str, gpu_total: int | None, overhead: int | None) -> int | None:
+    """Device KV bytes of a GPU budget, exactly as the engine reads --gpu-memory-budget at start-up
+    (``Budget.kv_bytes``: a fraction is the share of the GPU the engine holds in all, minus its overhead); None for
+    a fraction while the GPU's total memory or the engine's overhead is unknown (None or 0: no GPU metrics yet, or an
+    engine that does not export pie_gpu_memory_overhead_bytes)."""
+    return parse_budget(budget).kv_bytes(gpu_total or None, overhead if gpu_total else None)

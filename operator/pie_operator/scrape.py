@@ -11,10 +11,13 @@ The HTTP contract the operator relies on (engine side: engine/pie_engine/server/
   choice: the probe request of the rollout gate (`probe`), sent to pods that have not passed their gate yet.
 - ``POST /v1/pie/admin/gpu-memory-budget`` with ``Authorization: Bearer <token>`` (the token the engine read from
   ``--admin-token-file``) and the JSON body ``{"bytes": N}``:
-  200 -> applied live; 409 ``{"error": {"message": "...needs a restart..."}}`` -> not possible live (the operator
+  200 -> applied live; 409 with ``error.code`` ``"busy"`` (an unfinished request needs more KV than the budget holds;
+  older engines say "retry once the request finished" in the message) -> not now: retried later, never a
+  replacement (that would kill the request); any other 409 (``"needs_restart"``) -> not possible live (the operator
   replaces the pod instead); 401/403 (token mismatch, admin disabled) and 404 (an engine without the endpoint) are
-  treated like 409; 400 (the engine refuses the value) is recorded as a rejected decision and not forced through a
-  restart; anything else (timeouts, 5xx, connection errors) is transient and retried on a later pass.
+  treated like ``needs_restart``; 400 (the engine refuses the value) is recorded as a rejected decision and not
+  forced through a restart; anything else (timeouts, 429, 5xx, connection errors) is transient and retried later with
+  backoff: only a definite answer replaces a pod.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ GAUGES = ("pie_expansion_ratio", "pie_kv_layers_on_host", "pie_device_kv_capacit
 COUNTERS = ("pie_swap_in_bytes_total", "pie_swap_out_bytes_total", "pie_swap_stall_seconds_total")
 HISTOGRAM = "pie_iteration_seconds"
 REQUIRED = (*GAUGES, *COUNTERS, f"{HISTOGRAM}_sum", f"{HISTOGRAM}_count")
+# Read when present: older engines do not export it, and without it a fractional GPU budget stays unresolved.
+OPTIONAL = ("pie_gpu_memory_overhead_bytes",)
 MAX_BODY = 4 * 2**20  # an engine's /metrics is a few KiB; anything this large is not an engine
 ADMIN_PATH = "/v1/pie/admin/gpu-memory-budget"
 PROBE_OK = "ok"
@@ -52,6 +57,10 @@ class EngineMetrics:
 
     def bytes(self, name: str) -> int:
         return int(self.values[name])
+
+    def optional_bytes(self, name: str) -> int | None:
+        """An OPTIONAL gauge in bytes; None when the engine does not export it."""
+        return int(self.values[name]) if name in self.values else None
 
     @property
     def stall_fraction(self) -> float:
@@ -85,7 +94,7 @@ def parse_metrics(text: str) -> EngineMetrics:
     try:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                if s.name in REQUIRED and not s.labels:
+                if (s.name in REQUIRED or s.name in OPTIONAL) and not s.labels:
                     found[s.name] = float(s.value)
     except Exception as e:  # the parser raises ValueError, IndexError, ... on garbage: all mean the same here
         raise MetricsError(f"garbage metrics ({type(e).__name__})") from e
@@ -136,12 +145,19 @@ async def scrape(client: httpx.AsyncClient, ip: str, port: int, timeout: float, 
         return Observation(now, error=f"unreachable ({type(e).__name__})")
 
 
+# How engines from before the machine-readable `busy` code said it (pie_engine/pie/runtime.py's message).
+LEGACY_BUSY = "retry once the request finished"
+
+
 @dataclass(frozen=True)
 class AdminResult:
+    """The engine's answer. None of the flags set: transient (retry later with backoff)."""
+
     applied: bool  # 200: the engine runs with the new budget now
-    needs_restart: bool  # 409/401/403/404: not possible live -> replace the pod
+    needs_restart: bool  # 409 needs_restart / 401 / 403 / 404: not possible live -> replace the pod
     detail: str
     rejected: bool = False  # 400: the engine refuses this value
+    busy: bool = False  # 409 busy: not now (a running request needs the KV) -> retry later, never replace
 
 
 def set_gpu_budget(ip: str, port: int, token: str, budget_bytes: int, timeout: float = 5.0) -> AdminResult:
@@ -154,9 +170,12 @@ def set_gpu_budget(ip: str, port: int, token: str, budget_bytes: int, timeout: f
     if resp.status_code == 200:
         return AdminResult(True, False, "applied live")
     try:
-        message = str(resp.json()["error"]["message"])
+        error = resp.json()["error"]
+        message, code = str(error["message"]), str(error.get("code") or "")
     except Exception:
-        message = resp.text[:200]
+        message, code = resp.text[:200], ""
+    if resp.status_code == 409 and (code == "busy" or LEGACY_BUSY in message):
+        return AdminResult(False, False, f"{resp.status_code}: {message}", busy=True)
     if resp.status_code in (401, 403, 404, 409):
         return AdminResult(False, True, f"{resp.status_code}: {message}")
     return AdminResult(False, False, f"{resp.status_code}: {message}", rejected=resp.status_code == 400)

@@ -40,7 +40,8 @@ class Snapshot:
     owned: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # Service etc. as read (None: absent)
     admin_token: str = ""  # "": the Secret is missing or holds no token yet
     views: dict[str, PodView] = field(default_factory=dict)  # pod name -> its latest scrape and sample window
-    resize_supported: bool = False  # memory.apply is InPlace and the apiserver serves pods/resize
+    # memory.apply is InPlace and the apiserver serves pods/resize; None: InPlace, but the apiserver could not say
+    resize_supported: bool | None = False
 
     @property
     def namespace(self) -> str:

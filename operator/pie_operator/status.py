@@ -12,9 +12,18 @@ from typing import Any
 
 from pie_operator.planning import Pod, is_finished, is_ready, is_terminating, memory_request, revision
 from pie_operator.quantity import format_bytes
+from pie_operator.resize import DONE, actual_memory, resize_state
 from pie_operator.rollout import PAUSED, ROLLED_BACK, RolloutState
 from pie_operator.scrape import Observation
-from pie_operator.tuning import GPU_REJECTED, GPU_RESTART, effective_budget
+from pie_operator.tuning import (
+    GPU_ATTEMPTS,
+    GPU_REJECTED,
+    GPU_RESTART,
+    GPU_RETRY_AT,
+    GPU_WAITING,
+    RESIZE_REJECTED,
+    effective_budget,
+)
 
 PHASES = ("Ready", "Progressing", "Degraded", "Invalid")
 API_ERROR = "ApiError"  # Degraded's reason when the Kubernetes API failed a pass
@@ -44,7 +53,7 @@ def _unschedulable(pod: Pod) -> str | None:
 
 # status.pods[] fields the closed loop carries from pass to pass (tuning.py says what they mean).
 CARRIED = ("memoryChangedAt", "gpuBudgetChangedAt", "gpuBudgetLive", "gpuBudgetRestarts", "oomHandledAt",
-           "memoryRecommendation", GPU_RESTART, GPU_REJECTED)
+           "memoryRecommendation", GPU_RESTART, GPU_REJECTED, GPU_WAITING, GPU_ATTEMPTS, GPU_RETRY_AT, RESIZE_REJECTED)
 
 
 def pod_entry(pod: Pod, rollout: RolloutState, obs: Observation | None, memo: dict[str, Any]) -> dict[str, Any]:
@@ -57,6 +66,11 @@ def pod_entry(pod: Pod, rollout: RolloutState, obs: Observation | None, memo: di
         entry["expansionRatio"] = f"{obs.metrics['pie_expansion_ratio']:.2f}"
         entry["hostKVUsed"] = format_bytes(obs.metrics.bytes("pie_host_kv_used_bytes"))
     entry.update({k: memo[k] for k in CARRIED if memo.get(k) not in (None, "")})
+    if actual := actual_memory(pod):
+        entry["memoryAllocated"] = actual
+    state, why = resize_state(pod)
+    if state and (state != DONE or memo.get("memoryChangedAt")):  # Done: only for pods the operator resized
+        entry["resize"] = f"{state}: {why}" if why else state
     return entry
 
 

@@ -21,12 +21,25 @@ from pie_operator.memory import MemoryDecision, limit_bytes, pool_bounds, reques
 from pie_operator.observe import PodView
 from pie_operator.planning import Pod, memory_request
 from pie_operator.quantity import format_bytes, parse_bytes, resolve_budget
+from pie_operator.resize import INFEASIBLE, WAITING, qos_change, resize_state
 from pie_operator.spec import PieDeploymentSpec
 
 TS = "%Y-%m-%dT%H:%M:%SZ"
 # status.pods[] fields that carry an engine's answer to a live GPU budget change into the next pass (decide.py).
 GPU_RESTART = "gpuBudgetRestart"  # this budget cannot be applied live: the pod is replaced to apply it
 GPU_REJECTED = "gpuBudgetRejected"  # the engine refused this budget: it is not sent again
+# A live change the engine did not take yet -- busy (a running request needs the KV) or a transient error -- is
+# retried, never turned into a replacement: why it waits, how many tries failed, and not before when.
+RESIZE_REJECTED = "resizeRejected"  # a memory request the apiserver refused to resize to: replaced, not resent
+GPU_WAITING = "gpuBudgetWaiting"
+GPU_ATTEMPTS = "gpuBudgetAttempts"
+GPU_RETRY_AT = "gpuBudgetRetryAt"
+RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 5.0, 300.0
+
+
+def retry_delay(attempts: int) -> float:
+    """Exponential backoff after `attempts` failed tries (5 s, 10 s, 20 s, ... at most 5 min)."""
+    return float(min(RETRY_BASE_SECONDS * 2 ** max(attempts - 1, 0), RETRY_MAX_SECONDS))
 
 
 def ts(t: float) -> str:
@@ -51,6 +64,14 @@ def container_status(pod: Pod) -> dict[str, Any]:
         if cs.get("name") == ENGINE_CONTAINER:
             return cs
     return {}
+
+
+def memory_limit(pod: Pod) -> int | None:
+    """The engine container's memory limit in bytes as the pod spec says (None: no limit)."""
+    for c in pod.get("spec", {}).get("containers", []):
+        if c.get("name") == ENGINE_CONTAINER and (value := (c.get("resources", {}).get("limits") or {}).get("memory")):
+            return parse_bytes(value)
+    return None
 
 
 def budget_arg(pod: Pod) -> str | None:
@@ -99,6 +120,7 @@ class TuningPlan:
     changes: list[tuple[str, Change, str]] = field(default_factory=list)  # (pod, memory change, how applied)
     memo: dict[str, dict[str, Any]] = field(default_factory=dict)  # pod -> status.pods[] fields to carry
     template_request: int = 0
+    template_limit: int | None = None  # a limit an OOM kill raised: new pods get it too
 
 
 def template_request(spec: PieDeploymentSpec, previous: str | None) -> int:
@@ -118,9 +140,12 @@ def template_budget(spec: PieDeploymentSpec, previous: str | None) -> str:
 
 
 def plan_tuning(spec: PieDeploymentSpec, decision: MemoryDecision, pods: list[Pod], prev_pods: dict[str, dict],
-                views: dict[str, PodView], *, now: float, resize_supported: bool, tmpl_request: int) -> TuningPlan:
-    """Decide memory and GPU changes for `pods` (the running pods of the target revision)."""
-    out = TuningPlan(template_request=tmpl_request)
+                views: dict[str, PodView], *, now: float, resize_supported: bool | None, tmpl_request: int,
+                tmpl_limit: int | None = None) -> TuningPlan:
+    """Decide memory and GPU changes for `pods` (the running pods of the target revision). `resize_supported`
+    None (InPlace, but the apiserver could not say whether it resizes): no memory decision this pass -- neither a
+    resize nor a replacement is decided on a transient error."""
+    out = TuningPlan(template_request=tmpl_request, template_limit=tmpl_limit)
     t, mem = knobs(spec), spec.memory
     min_pool, max_pool = pool_bounds(mem)
     for pod in pods:
@@ -129,37 +154,62 @@ def plan_tuning(spec: PieDeploymentSpec, decision: MemoryDecision, pods: list[Po
         memo = out.memo.setdefault(name, {})
         stale = view.last is None or not view.last.ok
         born = parse_ts(pod["metadata"].get("creationTimestamp")) or now
-        if (current := memory_request(pod)) is not None:
+        state, why = resize_state(pod)
+        if state == INFEASIBLE and mem.apply == "InPlace":  # the node can never fit it: elsewhere, then
+            out.replace[name] = f"ResizeInfeasible: the node cannot fit the resized pod ({why or 'Infeasible'})"
+        elif state in WAITING:
+            pass  # the kubelet has not finished the last resize (a Deferred one it retries by itself): wait
+        elif (current := memory_request(pod)) is not None and resize_supported is not None:
             oom, marker = oom_kill(pod, prev)
+            pod_limit = memory_limit(pod)
             c = decide_memory(MemoryInputs(
                 current=parse_bytes(current), min_pool=min_pool, max_pool=max_pool,
                 to_request=lambda pool: request_bytes(mem, pool), samples=view.samples, stale=stale,
-                last_change=parse_ts(prev.get("memoryChangedAt")) or born, oom=oom), now, t)
+                last_change=parse_ts(prev.get("memoryChangedAt")) or born, oom=oom, limit=pod_limit), now, t)
             if c is not None:
                 if c.reason.startswith("OOMKilled"):
                     memo["oomHandledAt"] = marker
-                _memory_action(out, name, c, mem.apply, resize_supported, limit_bytes(mem, decision, c.new))
+                _memory_action(out, pod, c, mem.apply, resize_supported, _new_limit(c, limit_bytes(
+                    mem, decision, c.new), pod_limit), prev)
         gpu = _gpu_change(spec, t, pod, prev, view, stale, born, now)
         if gpu is not None:
             out.gpu.append(gpu)
     return out
 
 
-def _memory_action(out: TuningPlan, name: str, c: Change, apply: str, resize_supported: bool,
-                   limit: int | None) -> None:
-    if c.new == c.old:  # OOMKilledAtMax: nothing left to give; reported once
+def _new_limit(c: Change, formula: int | None, current: int | None) -> int | None:
+    """The limit that goes with a new request: an OOM rule's raised limit, else the spec's (base + max +
+    headroom(max)) but never below the pod's limit now -- a limit an OOM kill raised stays raised."""
+    if c.limit is not None:
+        return c.limit
+    return None if formula is None else max(formula, current or 0)
+
+
+def _memory_action(out: TuningPlan, pod: Pod, c: Change, apply: str, resize_supported: bool, limit: int | None,
+                   prev: dict[str, Any]) -> None:
+    name = pod["metadata"]["name"]
+    if c.reason == "OOMKilledAtMax":  # nothing left to give; reported once
         out.changes.append((name, c, "none"))
         return
     if apply == "Off":
         out.memo[name]["memoryRecommendation"] = format_bytes(c.new)
         return
+    request, new_limit = format_bytes(c.new), None if limit is None else format_bytes(limit)
+    how = "Rolling" if apply == "Rolling" else "Rolling (in-place resize unsupported by the cluster)"
     if apply == "InPlace" and resize_supported:
-        out.resize[name] = (format_bytes(c.new), None if limit is None else format_bytes(limit))
-        how = "InPlace"
-    else:
-        out.replace[name] = f"MemoryChanged: memory request {format_bytes(c.old)} -> {format_bytes(c.new)}"
-        how = "Rolling" if apply == "Rolling" else "Rolling (in-place resize unsupported by the cluster)"
+        # What the apiserver refuses is never sent (again): a QoS class change, or a value it refused already.
+        if (qos := qos_change(pod, request, new_limit)) is not None:
+            how = f"Rolling (a resize would change the pod's QoS class {qos[0]} -> {qos[1]})"
+        elif prev.get(RESIZE_REJECTED) == request:
+            how = "Rolling (the apiserver refused the resize)"
+        else:
+            how = "InPlace"
+            out.resize[name] = (request, new_limit)
+    if how != "InPlace":
+        out.replace[name] = f"MemoryChanged: memory request {format_bytes(c.old)} -> {request}"
     out.template_request = c.new
+    if c.limit is not None:  # killed at its limit: so would a new pod be
+        out.template_limit = max(out.template_limit or 0, c.limit)
     out.changes.append((name, c, how))
 
 
@@ -168,17 +218,18 @@ def _gpu_change(spec: PieDeploymentSpec, t: Tuning, pod: Pod, prev: dict[str, An
     name, effective = pod["metadata"]["name"], effective_budget(pod, prev)
     metrics = view.last.metrics if view.last is not None and view.last.ok else None
     total = metrics.bytes("pie_gpu_memory_total_bytes") if metrics is not None else None
+    overhead = metrics.optional_bytes("pie_gpu_memory_overhead_bytes") if metrics is not None else None
     wanted = spec.memory.gpu_memory_budget
     if spec.memory.tuning.gpu_memory_budget_min is None:
         if not effective or effective == wanted:
             return None
-        return GpuChange(name, effective, wanted, resolve_budget(wanted, total), "Spec",
+        return GpuChange(name, effective, wanted, resolve_budget(wanted, total, overhead), "Spec",
                          f"memory.gpuMemoryBudget is {wanted}, the engine runs with {effective}")
-    cur = resolve_budget(effective, total) if effective else None
-    lo = resolve_budget(spec.memory.tuning.gpu_memory_budget_min, total)
-    hi = resolve_budget(wanted, total)
-    if cur is None or lo is None or hi is None:
-        return None  # a fraction while the GPU total is unknown: nothing to compare with
+    cur = resolve_budget(effective, total, overhead) if effective else None
+    lo = resolve_budget(spec.memory.tuning.gpu_memory_budget_min, total, overhead)
+    hi = resolve_budget(wanted, total, overhead)
+    if cur is None or lo is None or hi is None or hi <= 0:
+        return None  # a fraction while the GPU total or the engine's overhead is unknown: nothing to compare with
     c = decide_gpu(GpuInputs(current=cur, lo=min(lo, hi), hi=hi, samples=view.samples, stale=stale,
                              last_change=parse_ts(prev.get("gpuBudgetChangedAt")) or born), now, t)
     if c is None:

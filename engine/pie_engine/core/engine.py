@@ -54,9 +54,20 @@ class LLMEngine:
         # Between steps: the KV capacity (Pie: the expansion controller, swap facts in the plan) and its metrics.
         self.kv_runtime = kv_backend.make_runtime(self.runner.kv_cache, self.scheduler, self.runner.device)
         # Extra prometheus collectors (e.g. the Pie KV-swap metrics); the server registers them in its registry.
-        self.metrics_collectors: list[Any] = list(self.kv_runtime.collectors)
+        self.metrics_collectors: list[Any] = [*self.kv_runtime.collectors, self._overhead_gauge()]
         self.num_steps = 0
         self._ids = itertools.count()
+
+    def _overhead_gauge(self) -> Any:
+        """pie_gpu_memory_overhead_bytes: what a fractional --gpu-memory-budget leaves out of the KV (0 without a
+        GPU). The operator needs it to resolve a fraction live exactly as the start-up did (Budget.kv_bytes)."""
+        from prometheus_client import Gauge
+
+        gauge = Gauge("pie_gpu_memory_overhead_bytes", "GPU memory a fractional budget leaves out of the KV: in use "
+                      "at start (weights, other processes) plus the activation reserve; 0 without a GPU",
+                      registry=None)
+        gauge.set(self.runner.gpu_memory_overhead or 0)
+        return gauge
 
     # -------------------------------------------------------------------------------------------- requests
     def tokenize(self, prompt: str | Seq[int]) -> list[int]:

@@ -22,6 +22,12 @@ class NeedsRestartError(RuntimeError):
     """A device KV budget that cannot be applied live (HTTP 409; the message says why)."""
 
 
+class BudgetBusyError(NeedsRestartError):
+    """A device KV budget that cannot be applied live NOW, because an unfinished request needs more KV than it holds:
+    HTTP 409 with ``code: "busy"`` -- retry once the request finished (a restart would cut it short). A subclass, so
+    that callers that only know NeedsRestartError still refuse the change."""
+
+
 class KVRuntime(ABC):
     """What ``LLMEngine`` calls around each step, and what the server's admin and state routes call.
 

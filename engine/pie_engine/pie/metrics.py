@@ -4,7 +4,8 @@ Metric names are fixed (the operator reads them): gauges ``pie_expansion_ratio``
 ``pie_device_kv_capacity_bytes``, ``pie_host_kv_capacity_bytes``, ``pie_host_kv_used_bytes``,
 ``pie_recommended_host_memory_bytes``, ``pie_recommended_gpu_memory_bytes``, ``pie_gpu_memory_total_bytes``,
 ``pie_gpu_memory_used_bytes`` (pynvml; 0 without a GPU); counters ``pie_swap_in_bytes_total``,
-``pie_swap_out_bytes_total``, ``pie_swap_stall_seconds_total``; histogram ``pie_iteration_seconds``.
+``pie_swap_out_bytes_total``, ``pie_swap_stall_seconds_total``; histogram ``pie_iteration_seconds``. (The engine
+adds ``pie_gpu_memory_overhead_bytes``, a start-up constant: core/engine.py.)
 Gauges and counters are read from the live objects at scrape time, so they are right even while the engine idles.
 """
 

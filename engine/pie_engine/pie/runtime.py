@@ -26,7 +26,7 @@ from pie_engine.core.scheduler import Scheduler
 from pie_engine.core.sequence import Sequence
 from pie_engine.kv.cache import KVCache
 from pie_engine.kv.device_cache import DeviceKVCache
-from pie_engine.kv.runtime import BudgetError, KVRuntime, NeedsRestartError
+from pie_engine.kv.runtime import BudgetBusyError, BudgetError, KVRuntime, NeedsRestartError
 from pie_engine.pie.controller import ExpansionController
 from pie_engine.pie.controller_config import ControllerConfig, IterationSample
 from pie_engine.pie.metrics import SwapMetrics
@@ -204,7 +204,8 @@ class ExpansionRuntime(KVRuntime):
         The budget holds ``budget_bytes // (layers * block bytes)`` blocks per layer without swapping; the current
         expansion (static: the configured ratio) is kept, lowered if its host KV would exceed the host limit.
         Shrinking preempts the sequences holding blocks beyond the new capacity (they recompute later, with the
-        same output). Raises BudgetError (unusable budget) or NeedsRestartError (not possible live).
+        same output). Raises BudgetError (unusable budget), BudgetBusyError (not now: a running request needs more KV)
+        or NeedsRestartError (not possible live).
         """
         kv = self.kv
         c0 = budget_bytes // (kv.num_layers * kv.block_bytes)
@@ -220,7 +221,7 @@ class ExpansionRuntime(KVRuntime):
             m, c_new = 0, c0
         need = self.largest_need()
         if c_new < need:
-            raise NeedsRestartError(f"the new budget holds {c_new} KV blocks per layer, but an unfinished request "
+            raise BudgetBusyError(f"the new budget holds {c_new} KV blocks per layer, but an unfinished request "
                                     f"needs {need}: applying it live would cut that request short, it needs a "
                                     "restart (or a retry once the request finished)")
         try:

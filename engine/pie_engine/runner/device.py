@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -66,29 +67,41 @@ def activation_reserve(config: EngineConfig, model_config: ModelConfig, dtype: t
     return tokens * per_token + logits + _ACTIVATION_SLACK
 
 
-def num_blocks_for_budget(config: EngineConfig, model_config: ModelConfig, device: torch.device,
-                          dtype: torch.dtype) -> int:
+@dataclass(frozen=True)
+class KVSizing:
+    """The device KV blocks per layer, and the GPU memory a fractional budget left out of the KV (None on CPU)."""
+
+    blocks: int
+    overhead: int | None
+
+
+def kv_sizing(config: EngineConfig, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> KVSizing:
     """Device KV blocks per layer for the configured budget; call it after the weights are on the device.
 
     ``num_device_blocks`` overrides everything. A byte budget ("8Gi") is the KV budget itself. A fraction ("0.9",
-    CUDA only) is the share of total GPU memory the engine may hold: KV gets it minus what is already used (weights,
-    other processes) minus an activation reserve. Default: 256Mi on CPU, "0.9" on CUDA.
+    CUDA only) is the share of total GPU memory the engine may hold: KV gets it minus the overhead, what is already
+    used (weights, other processes) plus an activation reserve (``Budget.kv_bytes``: the operator resolves a fraction
+    live with the same function and the exported overhead). Default: 256Mi on CPU, "0.9" on CUDA.
     """
+    info = device_memory_info(device)
+    overhead = None if info is None else info[1] + activation_reserve(config, model_config, dtype)
     if config.num_device_blocks is not None:
-        return config.num_device_blocks
+        return KVSizing(config.num_device_blocks, overhead)
     per_block = model_config.num_hidden_layers * kv_block_bytes(
         config.block_size, model_config.num_key_value_heads, model_config.head_dim, dtype)
-    info = device_memory_info(device)
     value = config.gpu_memory_budget or (CPU_DEFAULT_KV_BUDGET if info is None else CUDA_DEFAULT_BUDGET)
-    parsed = parse_budget(value)
-    budget = parsed.resolve(info[0] if info else None)
+    budget = parse_budget(value).kv_bytes(info[0] if info else None, overhead)
     if budget is None:
         raise ValueError(f"memory budget {value!r} is a fraction of the GPU, but {device} has no known total "
                          "memory: give bytes (e.g. 2Gi)")
-    if parsed.fraction is not None and info is not None:
-        budget -= info[1] + activation_reserve(config, model_config, dtype)
     blocks = budget // per_block
     if blocks < 1:
         raise ValueError(f"KV budget {value!r} leaves {max(budget, 0)} bytes for KV, less than one block "
                          f"({per_block} bytes for {model_config.num_hidden_layers} layers); raise the budget")
-    return int(blocks)
+    return KVSizing(int(blocks), overhead)
+
+
+def num_blocks_for_budget(config: EngineConfig, model_config: ModelConfig, device: torch.device,
+                          dtype: torch.dtype) -> int:
+    """Device KV blocks per layer for the configured budget (``kv_sizing``)."""
+    return kv_sizing(config, model_config, device, dtype).blocks

@@ -16,7 +16,7 @@ from pie_engine.kv.device_cache import DeviceKVCache
 from pie_engine.models.loader import load_model, resolve_dtype
 from pie_engine.models.model_config import ModelConfig
 from pie_engine.runner.attention import AttentionMetadata
-from pie_engine.runner.device import num_blocks_for_budget, resolve_device
+from pie_engine.runner.device import kv_sizing, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,10 @@ class ModelRunner:
         self.max_model_len = self._max_model_len()
         self.model = load_model(config.model, self.model_config, self.dtype, self.device)
         # Sized after the weights are on the device, so a GPU-fraction budget accounts for them.
-        self.num_blocks = num_blocks_for_budget(config, self.model_config, self.device, self.dtype)
+        sizing = kv_sizing(config, self.model_config, self.device, self.dtype)
+        self.num_blocks = sizing.blocks
+        # What a fractional budget leaves out of the KV (exported: the operator resolves fractions live with it).
+        self.gpu_memory_overhead: int | None = sizing.overhead
         mc = self.model_config
         self.kv_spec = KVSpec(mc.num_hidden_layers, self.num_blocks, self.block_size, mc.num_key_value_heads,
                               mc.head_dim, self.dtype, self.device)

@@ -4,11 +4,13 @@ The admin contract is the operator's (operator/pie_operator/scrape.py, ``set_gpu
 ``POST /v1/pie/admin/gpu-memory-budget`` with ``Authorization: Bearer <token>`` and ``{"bytes": N}``, where N is
 the device KV budget in bytes (what ``--gpu-memory-budget 8Gi`` means, and what ``pie_recommended_gpu_memory_bytes``
 recommends). Answers: 200 ``{"applied": true, "gpu_memory_budget_bytes": N, ...}`` (applied live, between two
-engine steps); 409 ``{"error": {"message": "... needs a restart ..."}}`` (not possible live: an unfinished request
-needs more KV than the new budget holds, or the device could not allocate it); 400 bad input (the body is the
+engine steps); 409 (not possible live) whose ``error.code`` says why: ``"busy"`` -- an unfinished request needs more
+KV than the new budget holds, retry once it finished -- or ``"needs_restart"`` -- the device could not allocate it,
+only a restart applies it (both keep the 409 status older operators know); 400 bad input (the body is the
 ``GpuBudgetRequest`` model: ``bytes`` a JSON integer in [1, 2^63 - 1]; checked after the token, except a body that
 is not JSON at all); 401 missing or wrong token; 403 when the engine was started without an admin token (admin
-disabled). The operator treats 401/403/404 like 409 (it replaces the pod) and retries anything else later.
+disabled). The operator retries ``busy`` later, treats 401/403/404 like ``needs_restart`` (it replaces the pod) and
+retries anything else later.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from pie_engine.core.engine import LLMEngine
-from pie_engine.pie.runtime import BudgetError, NeedsRestartError
+from pie_engine.pie.runtime import BudgetBusyError, BudgetError, NeedsRestartError
 from pie_engine.server.async_engine import AsyncEngine, EngineUnavailableError
 from pie_engine.server.openapi import Responses, error_responses
 from pie_engine.server.protocol import INT64_MAX
@@ -79,6 +81,8 @@ def add_pie_routes(app: FastAPI, engine: LLMEngine, async_engine: AsyncEngine, a
             result = await async_engine.run_in_engine(lambda e: e.kv_runtime.set_device_kv_budget(budget))
         except BudgetError as e:
             raise ApiError(400, str(e), "invalid_request_error", param="bytes", code="invalid_value") from None
+        except BudgetBusyError as e:
+            raise ApiError(409, str(e), "conflict", code="busy") from None
         except NeedsRestartError as e:
             raise ApiError(409, str(e), "conflict", code="needs_restart") from None
         except EngineUnavailableError as e:

@@ -44,7 +44,7 @@ class FakeKube(Kube):
     """PieDeployments, pods, owned objects and Events in dicts. `writes` lists (verb, what) per write request;
     `fail[method]` is raised by every call of `method` while set (an apiserver that refuses)."""
 
-    def __init__(self, *, resize: bool = True) -> None:
+    def __init__(self, *, resize: bool | None = True) -> None:
         self.deployments: dict[tuple[str, str], Obj] = {}
         self.pods: dict[tuple[str, str], Obj] = {}
         self.objects: dict[tuple[str, str, str], Obj] = {}  # (kind, namespace, name)
@@ -110,7 +110,7 @@ class FakeKube(Kube):
         self._call("get")
         return copy.deepcopy(self.objects.get((kind, namespace, name)))
 
-    def supports_resize(self) -> bool:
+    def supports_resize(self) -> bool | None:
         self._call("supports_resize")
         return self.resize
 

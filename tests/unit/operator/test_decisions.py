@@ -103,6 +103,23 @@ def test_decide_memory(inputs: MemoryInputs, expected: tuple[str, int] | None) -
     assert outcome(decide_memory(inputs, NOW, T)) == expected
 
 
+def test_oom_at_a_limit_moves_the_limit() -> None:
+    """Killed at its limit: the limit moves too (else the next kill comes at the same place), also when the request
+    is already at its maximum; the message names the limit, not the request."""
+    c = decide_memory(mem(1, limit=2 * Gi, oom=OOMKill(NOW, False)), NOW, T)
+    assert c is not None and (c.reason, c.new, c.limit) == ("OOMKilled", 1229 * Mi, 2458 * Mi)
+    assert "OOM-killed at its memory limit 2Gi" in c.message and "limit raised to 2.4" in c.message
+    at_max = decide_memory(mem(4, limit=4 * Gi, oom=OOMKill(NOW, False)), NOW, T)
+    assert at_max is not None and (at_max.reason, at_max.new, at_max.limit) == ("OOMKilled", 4 * Gi, 4916 * Mi)
+
+
+def test_oom_without_a_limit_says_node_memory_pressure() -> None:
+    c = decide_memory(mem(1, oom=OOMKill(NOW, False)), NOW, T)
+    assert c is not None and c.limit is None and "no memory limit (node memory pressure, request 1Gi)" in c.message
+    at_max = decide_memory(mem(4, oom=OOMKill(NOW, False)), NOW, T)
+    assert at_max is not None and at_max.reason == "OOMKilledAtMax" and "node memory pressure" in at_max.message
+
+
 def test_memory_source_recommended() -> None:
     x = mem(1, samples=samples(0, 0, 0, rec_mi=300))
     assert decide_memory(x, NOW, T) is None  # Used: nothing is used
@@ -157,13 +174,14 @@ def test_pool_bounds_and_request_from_the_spec() -> None:
 
 
 def engine_pod(name: str = "p", memory: str = "16Gi", budget: str = "0.9", restarts: int = 0,
-               oom_at: str | None = None) -> dict[str, Any]:
+               oom_at: str | None = None, limit: str | None = None) -> dict[str, Any]:
     cs: dict[str, Any] = {"name": "engine", "restartCount": restarts}
     if oom_at:
         cs["lastState"] = {"terminated": {"reason": "OOMKilled", "finishedAt": oom_at}}
     return {"metadata": {"name": name, "uid": f"u-{name}", "creationTimestamp": "1970-01-01T00:00:00Z"},
             "spec": {"containers": [{"name": "engine", "args": ["--gpu-memory-budget", budget],
-                                     "resources": {"requests": {"memory": memory}}}]},
+                                     "resources": {"requests": {"memory": memory},
+                                                   "limits": {"memory": limit} if limit else {}}}]},
             "status": {"podIP": "127.0.1.5", "containerStatuses": [cs]}}
 
 
@@ -178,11 +196,14 @@ def tune(patch: dict[str, Any], pods: list[dict[str, Any]], views: dict[str, Any
                        resize_supported=resize_supported, tmpl_request=16 * Gi)
 
 
-def loaded(pool_mi: float, gpu_total: int = 0, gpu_mi: float = 0) -> dict[str, Any]:
+def loaded(pool_mi: float, gpu_total: int = 0, gpu_mi: float = 0, overhead: int | None = None) -> dict[str, Any]:
     from pie_operator.observe import PodView
     from pie_operator.scrape import EngineMetrics, Observation
 
-    obs = Observation(at=NOW, metrics=EngineMetrics({"pie_gpu_memory_total_bytes": float(gpu_total)}))
+    values = {"pie_gpu_memory_total_bytes": float(gpu_total)}
+    if overhead is not None:
+        values["pie_gpu_memory_overhead_bytes"] = float(overhead)
+    obs = Observation(at=NOW, metrics=EngineMetrics(values))
     return {"p": PodView(obs, samples(pool_mi, pool_mi, pool_mi, gpu_mi=gpu_mi))}
 
 
@@ -220,12 +241,32 @@ def test_plan_tuning_oom_bump_is_answered_once() -> None:
     assert again.resize == {} and again.changes == []
 
 
+def test_plan_tuning_oom_at_the_limit_resizes_the_limit_and_keeps_it() -> None:
+    oom, mx = "2025-01-01T00:00:00Z", {"memory.hostMemory": {"max": "8Gi"}, "memory.headroom": "0"}
+    tp = tune(mx, [engine_pod(memory="24Gi", limit="24Gi", oom_at=oom)], {})
+    assert tp.resize == {"p": ("24Gi", "29492Mi")}  # the request is at its maximum: the limit moves (x 1.2)
+    # a later metric decision keeps the raised limit (never back down to base + max + headroom)
+    later = tune(mx, [engine_pod(memory="17Gi", limit="29492Mi", oom_at=oom)], loaded(4096),
+                 prev={"p": {"oomHandledAt": oom}})
+    assert later.resize == {"p": ("20Gi", "29492Mi")}
+
+
 @pytest.mark.parametrize(("patch", "pod", "prev", "view", "expected"), [
     ({}, engine_pod(budget="0.9"), {}, {}, None),                                   # as the spec says
     ({"memory.gpuMemoryBudget": "0.8"}, engine_pod(budget="0.9"), {}, {},           # spec change, GPU size unknown
      ("0.9", "0.8", None, "Spec")),
-    ({"memory.gpuMemoryBudget": "0.5"}, engine_pod(budget="0.9"), {}, loaded(0, gpu_total=8 * Gi),
-     ("0.9", "0.5", 4 * Gi, "Spec")),
+    # A fraction means what it means at the engine's start-up: the share of the GPU the engine holds in all, so
+    # the KV gets it minus the engine's overhead (weights, activation reserve: pie_gpu_memory_overhead_bytes).
+    ({"memory.gpuMemoryBudget": "0.5"}, engine_pod(budget="0.9"), {}, loaded(0, gpu_total=80 * Gi, overhead=20 * Gi),
+     ("0.9", "0.5", 20 * Gi, "Spec")),
+    ({"memory.gpuMemoryBudget": "0.5"}, engine_pod(budget="0.9"), {}, loaded(0, gpu_total=80 * Gi),
+     ("0.9", "0.5", None, "Spec")),  # an engine without the overhead metric: not resolvable live, so replaced
+    # The default 0.9 bounds the tuning at 0.9 x 80Gi - 20Gi = 52Gi of KV, where the engine already is (not at 72Gi,
+    # more KV than the GPU holds next to the weights).
+    ({"memory.tuning.gpuMemoryBudgetMin": "1Gi"}, engine_pod(budget="0.9"), {},
+     loaded(0, gpu_total=80 * Gi, gpu_mi=60 * 1024, overhead=20 * Gi), None),
+    ({"memory.tuning.gpuMemoryBudgetMin": "1Gi"}, engine_pod(budget="0.9"), {},
+     loaded(0, gpu_total=80 * Gi, gpu_mi=30 * 1024, overhead=20 * Gi), ("0.9", "30Gi", 30 * Gi, "Metrics")),
     ({"memory.gpuMemoryBudget": "8Gi", "memory.tuning.gpuMemoryBudgetMin": "1Gi"}, engine_pod(budget="8Gi"), {},
      loaded(0, gpu_mi=3000), ("8Gi", "3000Mi", 3000 * Mi, "Metrics")),              # tuned to the recommendation
     ({"memory.gpuMemoryBudget": "8Gi", "memory.tuning.gpuMemoryBudgetMin": "1Gi"}, engine_pod(budget="8Gi"),

@@ -184,9 +184,12 @@ class Engines:
         return self.result
 
 
+BOTH = {"rollout.maxUnavailable": 2}  # live budget changes reach maxUnavailable engines per pass: here both
+
+
 def gpu_change(result: AdminResult) -> tuple[FakeKube, Engines, Outcome]:
-    kube = converged()
-    kube.set_spec(NS, NAME, spec(**{"memory.gpuMemoryBudget": "8Gi"}))
+    kube = converged(BOTH)
+    kube.set_spec(NS, NAME, spec(**BOTH, **{"memory.gpuMemoryBudget": "8Gi"}))
     engines = Engines(result)
     out = reconcile(kube, NS, NAME, set_budget=engines, **later())
     assert out is not None and len(engines.calls) == 2 and {b for _, b in engines.calls} == {8 * 2**30}
@@ -211,7 +214,7 @@ def test_gpu_budget_the_engine_cannot_take_live_replaces_the_pod() -> None:
     engines.calls.clear()
     out2 = reconcile(kube, NS, NAME, set_budget=engines, **later(61))
     assert out2 is not None and not out2.requeue and engines.calls == []  # not asked again
-    assert [w[0] for w in cluster_writes(kube)] == ["apply", "delete", "patch"]  # one pod at a time
+    assert [w[0] for w in cluster_writes(kube)] == ["apply", "delete", "delete", "patch"]  # maxUnavailable 2
     assert ("Normal", "DeletedGPUBudgetChanged") in [(t, r) for t, r, _ in kube.events]
 
 

@@ -198,6 +198,24 @@ def test_admin_gpu_budget(status: int, body: dict[str, Any], applied: bool, need
     assert req["auth"] == "Bearer s3cret" and json.loads(req["body"]) == {"bytes": 123 * 2**20}
 
 
+@pytest.mark.parametrize(("status", "body", "busy"), [
+    (409, {"error": {"message": "an unfinished request needs 58", "code": "busy"}}, True),
+    (409, {"error": {"message": "... it needs a restart (or a retry once the request finished)",  # older engines
+                     "code": "needs_restart"}}, True),
+    (409, {"error": {"message": "could not be changed live (OOM); it needs a restart", "code": "needs_restart"}},
+     False),
+    (429, {"error": {"message": "slow down"}}, False),
+    (503, {"error": {"message": "shutting down"}}, False),
+])
+def test_admin_busy_and_transient_never_ask_for_a_restart(status: int, body: dict[str, Any], busy: bool) -> None:
+    """Only a definite "needs a restart" replaces a pod: busy (a running request needs the KV) and 429/5xx are
+    tried again later."""
+    routes: dict[tuple[str, str], Route] = {("POST", S.ADMIN_PATH): lambda _: (status, json.dumps(body).encode())}
+    with Server(routes) as srv:
+        res = S.set_gpu_budget("127.0.0.1", srv.port, "s3cret", 2**30)
+    assert (res.busy, res.needs_restart) == (busy, status == 409 and not busy) and not res.applied, res
+
+
 def test_admin_unreachable_is_transient() -> None:
     with Server({}) as srv:
         port = srv.port

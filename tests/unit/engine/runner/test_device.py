@@ -9,7 +9,15 @@ from pie_engine.config import EngineConfig
 from pie_engine.kv.cache import kv_block_bytes
 from pie_engine.models.model_config import ModelConfig
 from pie_engine.quantity import parse_bytes
-from pie_engine.runner.device import CPU_DEFAULT_KV_BUDGET, device_memory_info, num_blocks_for_budget, resolve_device
+from pie_engine.runner import device as device_mod
+from pie_engine.runner.device import (
+    CPU_DEFAULT_KV_BUDGET,
+    device_memory_info,
+    kv_sizing,
+    num_blocks_for_budget,
+    resolve_device,
+)
+from pie_operator.quantity import resolve_budget
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +47,19 @@ def test_cpu_budgets(llama: ModelConfig) -> None:
         num_blocks_for_budget(EngineConfig(model="x", gpu_memory_budget="1000"), llama, cpu, torch.float32)
     with pytest.raises(ValueError, match="fraction"):  # no device total on CPU
         num_blocks_for_budget(EngineConfig(model="x", gpu_memory_budget="0.5"), llama, cpu, torch.float32)
+
+
+@pytest.mark.parametrize("budget", ["0.9", "0.5", "1", "3Gi"])
+def test_a_budget_means_the_same_at_start_up_and_to_the_operator(llama: ModelConfig, budget: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The KV a --gpu-memory-budget gives at start-up is the KV the operator resolves the same budget to live (from
+    the exported pie_gpu_memory_overhead_bytes): one meaning of a fraction, not "fraction x total" on one side."""
+    total, used = 80 * 2**30, 12 * 2**30
+    monkeypatch.setattr(device_mod, "device_memory_info", lambda device: (total, used))
+    sizing = kv_sizing(EngineConfig(model="x", gpu_memory_budget=budget), llama, torch.device("cpu"), torch.float32)
+    assert sizing.overhead is not None and sizing.overhead > used  # weights etc. plus the activation reserve
+    kv = resolve_budget(budget, total, sizing.overhead)
+    assert kv is not None and sizing.blocks == kv // (block_bytes(llama, 16, torch.float32) * 2)
 
 
 def test_device_resolution() -> None:

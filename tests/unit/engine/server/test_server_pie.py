@@ -102,6 +102,7 @@ def test_pie_metrics_before_and_after_load(server: Server, bb: int, host_limit: 
     assert m["pie_expansion_ratio"] == 2.0 and m["pie_kv_layers_on_host"] == 3
     assert m["pie_device_kv_capacity_bytes"] == C0 * bb  # the whole budget, laid out as 3 slots of 60 blocks
     assert m["pie_gpu_memory_total_bytes"] == 0 and m["pie_gpu_memory_used_bytes"] == 0  # CPU: no GPU
+    assert m.optional_bytes("pie_gpu_memory_overhead_bytes") == 0  # exported (0: no GPU, no fraction to resolve)
     # Host KV in use while the requests run; back to 0 once they finished (not the last step's figure).
     run_all(server, during=lambda: wait_for(lambda: server.metrics()["pie_host_kv_used_bytes"] > 0))
     after = parse_metrics(httpx.get(f"{server.url}/metrics").text)
@@ -187,7 +188,7 @@ def test_shrink_with_requests_in_flight_keeps_outputs(server: Server, bb: int) -
     assert admin(server, {"bytes": C0 * bb}).status_code == 200
 
 
-def test_budget_too_small_for_a_request_in_flight_is_409(server: Server, bb: int) -> None:
+def test_budget_too_small_for_a_request_in_flight_is_409_busy(server: Server, bb: int) -> None:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # 10 + 220 tokens = 58 blocks: fits C = 60, not the C = 40 that 20 blocks of budget give at m = 3.
         long = pool.submit(complete, server, PROMPTS[0] * 2, 220)
@@ -196,8 +197,9 @@ def test_budget_too_small_for_a_request_in_flight_is_409(server: Server, bb: int
         r = admin(server, {"bytes": 20 * bb})
         assert not long.done(), "the long request finished before the check: the test proves nothing"
         long.result()
-    assert res.needs_restart and not res.applied and "409" in res.detail, res.detail
-    assert r.status_code == 409 and "needs a restart" in r.json()["error"]["message"]
+    # Busy, not "needs a restart": the operator retries later instead of killing the request with the pod.
+    assert res.busy and not res.needs_restart and not res.applied and "409" in res.detail, res.detail
+    assert r.status_code == 409 and r.json()["error"]["code"] == "busy"
     assert state(server)["device_kv_budget_bytes"] == C0 * bb
 
 
