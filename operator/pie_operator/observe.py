@@ -131,8 +131,9 @@ async def scrape_once(store: Observations, client: httpx.AsyncClient, settings: 
 
 
 async def scrape_loop(store: Observations, settings: ScrapeSettings,
-                      after: Callable[[str, str], Awaitable[object]]) -> None:
-    """Forever: scrape, then `after(namespace, name)` for each PieDeployment (a reconcile that decides)."""
+                      after: Callable[[list[Key]], Awaitable[object]]) -> None:
+    """Forever: scrape, then `after(keys)` with the PieDeployments scraped (a reconcile of each that decides; the
+    caller runs them concurrently)."""
     semaphore = asyncio.Semaphore(settings.concurrency)
     # trust_env=False: pod IPs must never go through an HTTP(S)_PROXY from the operator's environment.
     async with httpx.AsyncClient(trust_env=False) as client:
@@ -143,8 +144,7 @@ async def scrape_loop(store: Observations, settings: ScrapeSettings,
             except Exception:  # a bug in one round must not end the loop
                 log.exception("scrape round failed")
                 continue
-            for namespace, name in keys:
-                try:
-                    await after(namespace, name)
-                except Exception:
-                    log.exception("reconcile of %s/%s after a scrape failed", namespace, name)
+            try:
+                await after(keys)
+            except Exception:
+                log.exception("the reconciles after a scrape failed")
