@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,7 +137,11 @@ def _execute(kube: Kube, body: dict[str, Any], steps: Plan, new_pod: dict[str, A
             if e.status not in REFUSED:
                 raise  # transient (5xx, 429, a timeout): kopf and the next trigger retry
             # Retrying at once would get the same answer: the pass ends here and its status says why (reconcile).
-            out.create_refused = describe_api_error(e, "the apiserver refused a new pod")
+            # The apiserver names the pod it generated for this attempt: without that name, the same refusal reads
+            # the same every time (one status, one Event).
+            gen = new_pod["metadata"]["generateName"]
+            out.create_refused = re.sub(re.escape(gen) + r"[a-z0-9]+", gen + "*",
+                                        describe_api_error(e, "the apiserver refused a new pod"))
             out.pods_changed = bool(out.deleted or out.created)
             return
         pod_name = created["metadata"]["name"]

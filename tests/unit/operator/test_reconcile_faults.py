@@ -4,6 +4,7 @@ once; and the writes that an unchanged world or a fresh scrape must not cause.""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -26,7 +27,8 @@ REFUSALS = {
 
 
 class CountingKube(FakeKube):
-    """Counts create attempts, refused ones included (FakeKube records only those that went through)."""
+    """Counts create attempts, refused ones included (FakeKube records only those that went through). A refusal
+    names the pod as the apiserver does: with the name it generated for this attempt."""
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
@@ -34,6 +36,11 @@ class CountingKube(FakeKube):
 
     def create_pod(self, pod: dict[str, Any]) -> dict[str, Any]:
         self.create_attempts += 1
+        if (e := self.fail.get("create_pod")) is not None:
+            generated = f"{pod['metadata']['generateName']}{self.create_attempts:05d}"
+            refusal = ApiException(status=e.status, reason=e.reason)
+            refusal.body = e.body.replace('\\"tiny-x\\"', f'\\"{generated}\\"')
+            raise refusal
         return super().create_pod(pod)
 
 
@@ -62,7 +69,10 @@ def test_refused_create_is_degraded_backs_off_and_is_announced_once(refusal: str
     assert out is not None and out.status_written and out.retry_after == create_backoff(1)
     cond = degraded(kube)
     assert (status(kube)["phase"], cond["status"], cond["reason"]) == ("Degraded", "True", "CreateRejected")
-    assert message.replace('\\"', '"') in cond["message"] and str(code) in cond["message"]
+    # (without the pod name the apiserver generated for that attempt: the same refusal reads the same every time)
+    assert message.replace('\\"', '"').replace('"tiny-x"', '"tiny-*"') in re.sub(r'"tiny-[a-z0-9]+-\*"',
+                                                                               '"tiny-*"', cond["message"])
+    assert str(code) in cond["message"]
     assert warnings(kube) == ["CreateRejected"]
     assert kube.create_attempts == 1
 
