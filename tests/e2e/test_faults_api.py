@@ -16,12 +16,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.cluster.cluster import Cluster
 from tests.cluster.components import audit_log
 from tests.cluster.faults import restart
+from tests.e2e.engines import EngineFleet, Load
 from tests.e2e.helpers import Operator, condition, events, get, wait_for
+from tests.e2e.test_closed_loop import LOOP, deployment, fleet, model, ready  # noqa: F401 -- fixtures
+from tests.e2e.test_closed_loop import PORT as ENGINE_PORT
 from tests.e2e.test_operator import NAME, apply_minimal, converged, engine_pods, patch
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +39,9 @@ def ns(k8s_namespace: str) -> str:
 
 @pytest.fixture
 def operator(k8s: Cluster, ns: str, tmp_path: Path) -> Iterator[Operator]:
-    op = Operator(k8s, ns, tmp_path / "operator.log", "--resync-seconds", "2", "--metrics-interval-seconds", "1")
+    # (a generous scrape timeout: a scrape that times out on this loaded machine is a real change of status)
+    op = Operator(k8s, ns, tmp_path / "operator.log", "--resync-seconds", "2", "--metrics-interval-seconds", "1",
+                  "--metrics-timeout-seconds", "5")
     op.start()
     try:
         yield op
@@ -92,6 +98,35 @@ def test_steady_state_makes_no_writes(k8s: Cluster, ns: str, operator: Operator)
                           and not e["objectRef"].get("subresource")}) >= 6,
              "6 reconcile passes", timeout=90, op=operator)
     assert operator_writes(k8s, ns, since) == [], operator.log.read_text(errors="replace")[len(marker):]
+
+
+def engine_numbers(url: str) -> tuple[str, ...]:
+    """The engine's numbers that status.pods[] shows (and that move with the load)."""
+    text = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
+    return tuple(line for line in text.splitlines()
+                 if line.startswith(("pie_host_kv_used_bytes ", "pie_expansion_ratio ", "pie_kv_cache_usage_perc ")))
+
+
+def test_scrapes_of_a_busy_engine_write_no_status(k8s: Cluster, ns: str, operator: Operator,
+                                                  fleet: EngineFleet) -> None:  # noqa: F811 -- the fixture
+    # Host memory pinned (min = max): the closed loop has nothing to decide, only the engine's numbers move.
+    memory = deployment(LOOP, 1)["spec"]["memory"] | {"hostMemory": {"min": "64Mi", "max": "64Mi"}}
+    k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(deployment(LOOP, 1, memory=memory)))
+    wait_for(lambda: ready(k8s, ns, LOOP, 1), "loop Ready behind a healthy engine", timeout=120, op=operator)
+    (pod,) = [p for p in get(k8s, ns, "pods", "-l", f"pie.io/deployment={LOOP}")["items"]]
+    url = f"http://{pod['status']['podIP']}:{ENGINE_PORT}"
+    with Load(url, LOOP) as load:
+        wait_for(lambda: load.completed > 0 or len(load.errors) > 3, "a completed request", timeout=90)
+        assert load.completed > 0, load.errors[:3]
+        since = time.time() + 1
+        seen: set[tuple[str, ...]] = set()
+        wait_for(lambda: seen.add(engine_numbers(url)) or (len(seen) >= 4 and time.time() > since + 6),
+                 "the engine's numbers to move a few times under the load", timeout=120, interval=1.0)
+        until = time.time()
+    writes = [w for w in operator_writes(k8s, ns, since) if w.startswith("patch piedeployments/status")]
+    pied = get(k8s, ns, "pied", LOOP)
+    assert condition(pied, "MetricsStale")["status"] == "False", pied["status"]  # (a failed scrape is a change)
+    assert writes == [], (len(seen), until - since, writes)
 
 
 def pied_events(k8s: Cluster, ns: str) -> list[dict[str, Any]]:
