@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from pie_operator.reconcile import Outcome, reconcile
 from pie_operator.spec import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
+passes = logging.getLogger("pie_operator.passes")  # one DEBUG line per pass with its duration (--log-passes)
 RESOURCE = (GROUP, VERSION, PLURAL)
 REQUEUES = 3  # passes run back to back while each one asks for the next (actuate.Outcome.requeue)
 CONCURRENCY = 8  # passes running at once across PieDeployments (each in a worker thread, mostly waiting on the API)
@@ -55,7 +57,9 @@ class Reconciler:
         async with self._locks.setdefault(key, asyncio.Lock()), self._slots:
             self._queued.discard(key)
             for _ in range(1 + REQUEUES):
+                started = time.monotonic()
                 out = await asyncio.to_thread(reconcile, self.kube, namespace, name, observations=self.observations)
+                passes.debug("pass %s/%s %.4f s", namespace, name, time.monotonic() - started)
                 if out is not None and (out.created or out.deleted or out.resized or out.gpu_live):
                     log.info("%s/%s: revision %s created=%s deleted=%s resized=%s gpu_live=%s phase=%s", namespace,
                              name, out.revision, out.created, out.deleted, out.resized, out.gpu_live,
