@@ -54,22 +54,34 @@ def _at(timestamp: str) -> float:
     return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
 
 
-def operator_requests(k8s: Cluster, ns: str, since: float) -> list[dict[str, Any]]:
-    """Requests completed since `since` (unix time) in `ns` by anything but kubectl (the tests' own client): in a
-    namespace of its own, that is the operator (and the control plane acting on its objects)."""
-    out = []
-    for line in audit_log(k8s.state_dir).read_text(errors="replace").splitlines():
+_AUDIT: dict[str, Any] = {"path": None, "offset": 0, "by_ns": {}}
+
+
+def _audit_events(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Completed requests of the audit log by namespace, read incrementally (a session's log grows to many MiB)."""
+    if _AUDIT["path"] != path or path.stat().st_size < _AUDIT["offset"]:  # another cluster, or rotated
+        _AUDIT.update(path=path, offset=0, by_ns={})
+    with path.open("rb") as f:
+        f.seek(_AUDIT["offset"])
+        chunk = f.read()
+    complete = chunk[:chunk.rfind(b"\n") + 1]  # (a line being written waits for the next call)
+    _AUDIT["offset"] += len(complete)
+    for line in complete.splitlines():
         try:
             e = json.loads(line)
         except ValueError:
-            continue  # a line being written
-        ref = e.get("objectRef") or {}
-        if (e.get("stage") != "ResponseComplete" or ref.get("namespace") != ns
-                or e.get("userAgent", "").startswith("kubectl")):
             continue
-        if _at(e["stageTimestamp"]) >= since:
-            out.append(e)
-    return out
+        if e.get("stage") == "ResponseComplete" and (ns := (e.get("objectRef") or {}).get("namespace")):
+            _AUDIT["by_ns"].setdefault(ns, []).append(e)
+    by_ns: dict[str, list[dict[str, Any]]] = _AUDIT["by_ns"]
+    return by_ns
+
+
+def operator_requests(k8s: Cluster, ns: str, since: float) -> list[dict[str, Any]]:
+    """Requests completed since `since` (unix time) in `ns` by anything but kubectl (the tests' own client): in a
+    namespace of its own, that is the operator (and the control plane acting on its objects)."""
+    return [e for e in _audit_events(audit_log(k8s.state_dir)).get(ns, [])
+            if not e.get("userAgent", "").startswith("kubectl") and _at(e["stageTimestamp"]) >= since]
 
 
 def operator_writes(k8s: Cluster, ns: str, since: float) -> list[str]:
@@ -96,7 +108,7 @@ def test_steady_state_makes_no_writes(k8s: Cluster, ns: str, operator: Operator)
     wait_for(lambda: len({e["auditID"] for e in operator_requests(k8s, ns, since)
                           if e["verb"] == "get" and e["objectRef"].get("resource") == "piedeployments"
                           and not e["objectRef"].get("subresource")}) >= 6,
-             "6 reconcile passes", timeout=90, op=operator)
+             "6 reconcile passes", timeout=90, op=operator, interval=1.0)
     assert operator_writes(k8s, ns, since) == [], operator.log.read_text(errors="replace")[len(marker):]
 
 
