@@ -38,7 +38,7 @@ def run(
     metrics_timeout: float = typer.Option(2.0, "--metrics-timeout-seconds", min=0.1,
                                           help="Timeout of one engine scrape (/health + /metrics)."),
     metrics_concurrency: int = typer.Option(16, "--metrics-concurrency", min=1, help="Engines scraped at once."),
-    reconcile_concurrency: int = typer.Option(8, "--reconcile-concurrency", min=1,
+    reconcile_concurrency: int = typer.Option(16, "--reconcile-concurrency", min=1,
                                               help="PieDeployments reconciled at once (resyncs, after scrapes)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     log_passes: bool = typer.Option(False, "--log-passes", help="Log every reconcile pass and its duration "

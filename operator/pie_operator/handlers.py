@@ -16,6 +16,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import kopf
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 passes = logging.getLogger("pie_operator.passes")  # one DEBUG line per pass with its duration (--log-passes)
 RESOURCE = (GROUP, VERSION, PLURAL)
 REQUEUES = 3  # passes run back to back while each one asks for the next (actuate.Outcome.requeue)
-CONCURRENCY = 8  # passes running at once across PieDeployments (each in a worker thread, mostly waiting on the API)
+CONCURRENCY = 16  # passes running at once across PieDeployments (each in a worker thread, mostly waiting on the API)
 
 
 class Reconciler:
@@ -46,6 +48,9 @@ class Reconciler:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._queued: set[tuple[str, str]] = set()
         self._slots = asyncio.Semaphore(concurrency)
+        # Its own threads: asyncio's default executor has min(32, CPUs + 4) workers, which on a small node would cap
+        # the passes in flight below `concurrency` (a pass mostly waits on the API, not on a CPU).
+        self._threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="reconcile")
         self._retries: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()  # (strong references: the loop keeps only weak ones)
 
@@ -58,7 +63,8 @@ class Reconciler:
             self._queued.discard(key)
             for _ in range(1 + REQUEUES):
                 started = time.monotonic()
-                out = await asyncio.to_thread(reconcile, self.kube, namespace, name, observations=self.observations)
+                out = await asyncio.get_running_loop().run_in_executor(self._threads, partial(
+                    reconcile, self.kube, namespace, name, observations=self.observations))
                 passes.debug("pass %s/%s %.4f s", namespace, name, time.monotonic() - started)
                 if out is not None and (out.created or out.deleted or out.resized or out.gpu_live):
                     log.info("%s/%s: revision %s created=%s deleted=%s resized=%s gpu_live=%s phase=%s", namespace,
