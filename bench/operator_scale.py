@@ -5,7 +5,7 @@ on the real local control plane of tests/cluster, with /metrics of every pod pla
 Measured: time until all PieDeployments are Ready; at steady state (nothing changes) the operator's API requests
 per minute and per reconcile pass (from the apiserver's audit log: the operator is the only client that is
 `kubernetes-admin` with a non-kubectl user agent), pass latency p50/p99 (the operator's --log-passes lines), its RSS
-and CPU; then a spec change that every pod takes in place (memory.hostMemory, pinned: a resize of every pod) and the
+and CPU; then a spec change that every pod takes in place (memory.hostMemory.min: a resize of every pod) and the
 time from the change until all pods of each PieDeployment carry it (p50/p99/max).
 
     PYTHONPATH=engine:operator:. python -m bench.operator_scale --deployments 100 --replicas 10
@@ -104,9 +104,9 @@ def deployment(i: int, replicas: int, port: int) -> dict[str, Any]:
     return {"apiVersion": "pie.io/v1alpha1", "kind": "PieDeployment", "metadata": {"name": f"d{i:03d}"},
             "spec": {"replicas": replicas, "model": {"path": "/models/tiny"},
                      "engine": {"image": "pie-engine:0.1.0", "port": port},
-                     # Host memory pinned (min = max): the closed loop has nothing to decide from the replayed
-                     # metrics, so the steady state is one where nothing changes.
-                     "memory": {"hostMemory": {"min": "0", "max": "0"}},
+                     # More samples than the window can hold (1800 s / 15 s): the closed loop makes no metric-driven
+                     # decision from the replayed metrics, so the steady state is one where nothing changes.
+                     "memory": {"tuning": {"minSamples": 1000}},
                      "rollout": {"maxUnavailable": "100%"}}}
 
 
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       operator_cpu_percent=round(100 * (cpu1 - cpu0) / (until - since), 1),
                       window_seconds=round(until - since, 1))
 
-        # A spec change every pod takes in place: a higher pinned host memory (pods/resize of every pod). Each
+        # A spec change every pod takes in place: a higher host-memory floor (pods/resize of every pod). Each
         # PieDeployment's time runs from its own patch (the patches go out one after the other).
         before = {p["metadata"]["uid"]: p["spec"]["containers"][0]["resources"]["requests"]["memory"]
                   for p in api.pods()}
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         started = time.monotonic()
         patched: dict[str, float] = {}
         for i in range(args.deployments):
-            api.patch_spec(f"d{i:03d}", {"memory": {"hostMemory": {"min": "32Gi", "max": "32Gi"}}})
+            api.patch_spec(f"d{i:03d}", {"memory": {"hostMemory": {"min": "32Gi"}}})
             patched[f"d{i:03d}"] = time.monotonic()
         patched_s = time.monotonic() - started
         done: dict[str, float] = {}
