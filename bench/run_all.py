@@ -62,6 +62,16 @@ def summarize(results: Path, suffix: str = "") -> dict[str, object]:
         summary["pie_served_expansion_wall"] = {
             m: {**{wl: w["ratios"] for wl, w in e["workloads"].items()},
                 "goals": {g: v["pass"] for g, v in e["goals"].items()}} for m, e in served["models"].items()}
+    # The operator at scale: a separate run (it needs the local control plane: `python -m bench.operator_scale`).
+    scale_path = results / "operator_scale.json"
+    if scale_path.is_file():
+        scale = json.loads(scale_path.read_text())
+        summary["operator_scale"] = {
+            "size": scale["size"], "steady_state": {k: v for k, v in scale["steady_state"].items()
+                                                    if k != "by_verb_and_resource"},
+            "spec_change_in_place": {k: v for k, v in scale["spec_change_in_place"].items()
+                                     if k.startswith("all_pods_updated")},
+            "goals": scale["goals"]}
     tables = []
     if served_path.is_file():
         tables = ["", "## Served adaptive expansion (wall clock, output tokens/s, medians of "

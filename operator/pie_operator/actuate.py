@@ -7,7 +7,9 @@ other than "applied" ends the pass early with `requeue` set, so that the next pa
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +22,7 @@ from pie_operator.k8s import Kube
 from pie_operator.planning import Plan
 from pie_operator.scrape import AdminResult, set_gpu_budget
 from pie_operator.snapshot import Snapshot
-from pie_operator.status import condition_events
+from pie_operator.status import condition_events, without_volatile
 from pie_operator.tuning import (
     GPU_ATTEMPTS,
     GPU_REJECTED,
@@ -35,7 +37,9 @@ from pie_operator.tuning import (
 
 log = logging.getLogger(__name__)
 HISTORY = 20  # status.decisions keeps the last this many
-REFUSED = (400, 403, 422)  # the apiserver's definite no to a pods/resize (invalid, e.g. a QoS change; forbidden)
+# The apiserver's definite no, which retrying cannot change: 400/422 (validation or a webhook, e.g. a resize that
+# would change the QoS class), 403 (quota, Pod Security, RBAC). Everything else is treated as transient.
+REFUSED = (400, 403, 422)
 SetBudget = Callable[[str, int, str, int], AdminResult]  # (pod IP, port, admin token, bytes) -> the engine's answer
 
 
@@ -54,6 +58,8 @@ class Outcome:
     decisions: list[dict[str, Any]] = field(default_factory=list)  # status.decisions after this pass
     status: dict[str, Any] = field(default_factory=dict)
     status_written: bool = False
+    create_refused: str = ""  # the apiserver refused a new pod (quota, Pod Security, a webhook): its answer
+    retry_after: float | None = None  # seconds until pod creation is tried again (it backs off while refused)
 
 
 class History:
@@ -156,8 +162,16 @@ def _execute(kube: Kube, body: dict[str, Any], steps: Plan, new_pod: dict[str, A
         try:
             created = kube.create_pod(new_pod)
         except ApiException as e:
-            kube.post_event(body, "Warning", "CreateFailed", f"could not create a pod: {e.reason}: {e.body}")
-            raise
+            if e.status not in REFUSED:
+                raise  # transient (5xx, 429, a timeout): kopf and the next trigger retry
+            # Retrying at once would get the same answer: the pass ends here and its status says why (reconcile).
+            # The apiserver names the pod it generated for this attempt: without that name, the same refusal reads
+            # the same every time (one status, one Event).
+            gen = new_pod["metadata"]["generateName"]
+            out.create_refused = re.sub(re.escape(gen) + r"[a-z0-9]+", gen + "*",
+                                        describe_api_error(e, "the apiserver refused a new pod"))
+            out.pods_changed = bool(out.deleted or out.created)
+            return
         pod_name = created["metadata"]["name"]
         out.created.append(pod_name)
         kube.post_event(body, "Normal", "CreatedPod", f"created pod {pod_name} (revision {out.revision})")
@@ -183,10 +197,21 @@ def _memory(kube: Kube, body: dict[str, Any], m: MemoryAction, history: History,
     history.add(m.record)
 
 
+def describe_api_error(err: ApiException, what: str) -> str:
+    """`<what>: <code> <reason>: <the apiserver's message>` (the Status object's message when the body is one)."""
+    try:
+        message = json.loads(err.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        message = str(err.body or "")[:300]
+    return f"{what}: {err.status} {err.reason}: {message}".rstrip(": ")
+
+
 def write_status(kube: Kube, body: dict[str, Any], previous: dict[str, Any], status: dict[str, Any]) -> bool:
-    """Patch status only when it changed (an unchanged world writes nothing), with an Event for every condition
-    that flipped (status.condition_events)."""
-    if all(previous.get(k) == v for k, v in status.items()):
+    """Patch status only when it changed (an unchanged world writes nothing; nor does a scrape that only moved the
+    engines' numbers: status.without_volatile), with an Event for every condition that flipped
+    (status.condition_events)."""
+    before, after = without_volatile(previous), without_volatile(status)
+    if all(before.get(k) == v for k, v in after.items()):
         return False
     meta = body["metadata"]
     kube.patch_status(meta["namespace"], meta["name"], status)

@@ -38,7 +38,11 @@ def run(
     metrics_timeout: float = typer.Option(2.0, "--metrics-timeout-seconds", min=0.1,
                                           help="Timeout of one engine scrape (/health + /metrics)."),
     metrics_concurrency: int = typer.Option(16, "--metrics-concurrency", min=1, help="Engines scraped at once."),
+    reconcile_concurrency: int = typer.Option(16, "--reconcile-concurrency", min=1,
+                                              help="PieDeployments reconciled at once (resyncs, after scrapes)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    log_passes: bool = typer.Option(False, "--log-passes", help="Log every reconcile pass and its duration "
+                                    "(what bench/operator_scale.py measures latency from)."),
 ) -> None:
     """Run the operator until SIGINT/SIGTERM."""
     if bool(namespace) == all_namespaces:
@@ -56,8 +60,10 @@ def run(
         logging.getLogger("kopf.objects").addFilter(_QuietPodEvents())
     logging.getLogger("pie_operator").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per engine scrape otherwise
+    if log_passes:
+        logging.getLogger("pie_operator.passes").setLevel(logging.DEBUG)
     kube = ApiKube()
-    memo = kopf.Memo(kube=kube, reconciler=Reconciler(kube, Observations()),
+    memo = kopf.Memo(kube=kube, reconciler=Reconciler(kube, Observations(), reconcile_concurrency),
                      namespaces=None if all_namespaces else list(namespace), resync_seconds=resync_seconds,
                      scrape=ScrapeSettings(metrics_interval, metrics_timeout, metrics_concurrency))
     kopf.run(standalone=standalone, clusterwide=all_namespaces, namespaces=namespace, liveness_endpoint=liveness,

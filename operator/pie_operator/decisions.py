@@ -27,7 +27,7 @@ OOM_MIN_BUMP = 100 * MiB  # VPA's OOMMinBumpUp
 ROUND_TO = MiB  # decided values are rounded up to whole MiB (readable quantities, no byte-level churn)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sample:
     """One successful scrape of one engine (bytes)."""
 
@@ -38,18 +38,31 @@ class Sample:
 
 
 class SampleWindow:
-    """The last samples of one pod, bounded by count; `recent()` also drops samples older than the window.
+    """The samples of one pod's last `window_seconds` (spec.memory.tuning.windowSeconds): older ones are dropped as
+    new ones come, so memory follows the time window and the scrape interval, never a fixed count.
 
     In memory only: after an operator restart it starts empty, and rule 3 waits for `min_samples` fresh ones.
     """
 
-    def __init__(self, max_samples: int = 1024) -> None:
-        self._samples: deque[Sample] = deque(maxlen=max_samples)
+    def __init__(self, window_seconds: float = 1800.0) -> None:
+        self.window_seconds = window_seconds
+        self._samples: deque[Sample] = deque()
 
     def add(self, sample: Sample) -> None:
         if self._samples and sample.at < self._samples[-1].at:
             return  # out of order (a slow scrape finishing late): the newer sample already describes the pod
         self._samples.append(sample)
+        self._expire(sample.at)
+
+    def set_window(self, window_seconds: float) -> None:
+        """A new tuning window (the spec changed): a shorter one drops what is now too old."""
+        self.window_seconds = window_seconds
+        if self._samples:
+            self._expire(self._samples[-1].at)
+
+    def _expire(self, newest: float) -> None:
+        while self._samples and self._samples[0].at < newest - self.window_seconds:
+            self._samples.popleft()
 
     def recent(self, now: float, window_seconds: float) -> list[Sample]:
         return [s for s in self._samples if now - window_seconds <= s.at <= now]

@@ -2,9 +2,10 @@
 
 Reconcile registers each PieDeployment's Ready pods (`set_targets`); `scrape_loop` reads every registered pod's
 engine at http://<podIP>:<port> every `interval` seconds with bounded concurrency, records the result (a fresh sample
-goes into the pod's bounded SampleWindow), then asks for a reconcile of that PieDeployment, which decides with the
-pure functions of decisions.py / rollout.py. Nothing here is needed to be correct after a restart: the store starts
-empty, and an empty store means "no evidence", which never causes a change (see decisions.py).
+goes into the pod's SampleWindow, which keeps the PieDeployment's tuning window and no more), then asks for a
+reconcile of each PieDeployment (bounded concurrency too), which decides with the pure functions of decisions.py /
+rollout.py. Nothing here is needed to be correct after a restart: the store starts empty, and an empty store means
+"no evidence", which never causes a change (see decisions.py).
 """
 
 from __future__ import annotations
@@ -59,26 +60,31 @@ def to_sample(obs: Observation) -> Sample:
 class Observations:
     """Thread-safe: the scrape loop writes from the event loop, reconcile reads from its worker thread."""
 
-    def __init__(self, max_samples: int = 1024) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._max_samples = max_samples
         self._pods: dict[Key, dict[str, _PodRecord]] = {}
         self._targets: dict[Key, tuple[int, tuple[PodTarget, ...]]] = {}
+        self._windows: dict[Key, float] = {}
 
-    def set_targets(self, key: Key, port: int, pods: list[PodTarget]) -> None:
-        """The pods of one PieDeployment (the Ready ones are scraped from now on); records of pods not listed (gone,
-        or replaced under the same name) go."""
+    def set_targets(self, key: Key, port: int, pods: list[PodTarget], window_seconds: float = 1800.0) -> None:
+        """The pods of one PieDeployment (the Ready ones are scraped from now on) and how long their samples are kept
+        (its tuning window); records of pods not listed (gone, or replaced under the same name) go."""
         uids = {p.name: p.uid for p in pods}
         with self._lock:
             self._targets[key] = (port, tuple(pods))
             records = self._pods.setdefault(key, {})
             for name in [n for n, r in records.items() if uids.get(n) != r.uid]:
                 del records[name]
+            if self._windows.get(key) != window_seconds:
+                self._windows[key] = window_seconds
+                for r in records.values():
+                    r.window.set_window(window_seconds)
 
     def forget(self, key: Key) -> None:
         with self._lock:
             self._targets.pop(key, None)
             self._pods.pop(key, None)
+            self._windows.pop(key, None)
 
     def targets(self) -> list[tuple[Key, int, tuple[PodTarget, ...]]]:
         with self._lock:
@@ -90,7 +96,7 @@ class Observations:
                 return  # the pod went away while it was being scraped
             rec = self._pods.setdefault(key, {}).get(pod.name)
             if rec is None or rec.uid != pod.uid:
-                rec = self._pods[key][pod.name] = _PodRecord(pod.uid, SampleWindow(self._max_samples))
+                rec = self._pods[key][pod.name] = _PodRecord(pod.uid, SampleWindow(self._windows.get(key, 1800.0)))
             if rec.last is not None and obs.at < rec.last.at:
                 return
             rec.last = obs
@@ -126,8 +132,9 @@ async def scrape_once(store: Observations, client: httpx.AsyncClient, settings: 
 
 
 async def scrape_loop(store: Observations, settings: ScrapeSettings,
-                      after: Callable[[str, str], Awaitable[object]]) -> None:
-    """Forever: scrape, then `after(namespace, name)` for each PieDeployment (a reconcile that decides)."""
+                      after: Callable[[list[Key]], Awaitable[object]]) -> None:
+    """Forever: scrape, then `after(keys)` with the PieDeployments scraped (a reconcile of each that decides; the
+    caller runs them concurrently)."""
     semaphore = asyncio.Semaphore(settings.concurrency)
     # trust_env=False: pod IPs must never go through an HTTP(S)_PROXY from the operator's environment.
     async with httpx.AsyncClient(trust_env=False) as client:
@@ -138,8 +145,7 @@ async def scrape_loop(store: Observations, settings: ScrapeSettings,
             except Exception:  # a bug in one round must not end the loop
                 log.exception("scrape round failed")
                 continue
-            for namespace, name in keys:
-                try:
-                    await after(namespace, name)
-                except Exception:
-                    log.exception("reconcile of %s/%s after a scrape failed", namespace, name)
+            try:
+                await after(keys)
+            except Exception:
+                log.exception("the reconciles after a scrape failed")

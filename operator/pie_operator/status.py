@@ -226,3 +226,34 @@ def api_error_status(error: str, generation: int, previous: dict[str, Any], now:
     degraded = condition("Degraded", True, API_ERROR, error, generation, prev_conds, now)
     conds = [degraded if c.get("type") == "Degraded" else c for c in prev_conds]
     return {"phase": "Degraded", "conditions": conds if degraded in conds else [*conds, degraded]}
+
+
+CREATE_REJECTED = "CreateRejected"  # Degraded's reason while the apiserver refuses new pods
+
+
+def create_rejected_status(status: dict[str, Any], message: str, generation: int, previous: dict[str, Any],
+                           now: datetime) -> dict[str, Any]:
+    """`status` with Degraded=True, reason CreateRejected, and the apiserver's `message`: a quota, Pod Security or
+    webhook refusal does not go away by retrying, so it must be where users look (the other conditions stay as
+    computed: the pods that exist are still described)."""
+    prev_conds = previous.get("conditions") or []
+    degraded = condition("Degraded", True, CREATE_REJECTED, message, generation, prev_conds, now)
+    conds = [degraded if c.get("type") == "Degraded" else c for c in status.get("conditions") or []]
+    return {**status, "phase": "Degraded", "conditions": conds}
+
+
+# Engine numbers shown in status.pods[] / status.memory that move with load on every scrape; a status that differs
+# only in these is not written (they are refreshed with the next real change; live values are on /metrics).
+VOLATILE_POD_FIELDS = ("expansionRatio", "hostKVUsed")
+VOLATILE_MEMORY_FIELDS = ("expansionRatio",)
+
+
+def without_volatile(status: dict[str, Any]) -> dict[str, Any]:
+    """`status` minus the fields a scrape moves by itself (VOLATILE_*), for telling a real change from a scrape."""
+    out = dict(status)
+    if isinstance(out.get("pods"), list):
+        out["pods"] = [{k: v for k, v in p.items() if k not in VOLATILE_POD_FIELDS} if isinstance(p, dict) else p
+                       for p in out["pods"]]
+    if isinstance(out.get("memory"), dict):
+        out["memory"] = {k: v for k, v in out["memory"].items() if k not in VOLATILE_MEMORY_FIELDS}
+    return out

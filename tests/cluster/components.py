@@ -14,6 +14,7 @@ SERVICE_CIDR = "127.100.0.0/16"
 # kwok's fallback pod range for a managed node without spec.podCIDR (ours always have one).
 KWOK_FALLBACK_CIDR = "127.0.0.0/24"
 STAGES = Path(__file__).with_name("kwok-stages.yaml")
+AUDIT_POLICY = Path(__file__).with_name("audit-policy.yaml")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,15 @@ def apiserver(lay: Layout) -> list[str]:
         "--requestheader-extra-headers-prefix=X-Remote-Extra-",
         f"--proxy-client-cert-file={c.front_proxy_cert}", f"--proxy-client-key-file={c.front_proxy_key}",
         "--allow-privileged=true", "--profiling=false", "--v=0",
+        # One JSON line per request (no bodies): what tests and the scale benchmark count API calls from.
+        f"--audit-policy-file={AUDIT_POLICY}", f"--audit-log-path={audit_log(lay.state)}", "--audit-log-format=json",
+        "--audit-log-maxsize=500", "--audit-log-maxbackup=1",
     ]
+
+
+def audit_log(state: Path) -> Path:
+    """Where the apiserver of the cluster in `state` writes its audit log."""
+    return state / "logs" / "audit.log"
 
 
 def _common_secure(lay: Layout, who: str, port: int) -> list[str]:

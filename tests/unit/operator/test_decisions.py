@@ -58,14 +58,29 @@ def test_percentile_of_nothing_is_an_error() -> None:
         percentile([], 95)
 
 
-def test_window_is_bounded_by_count_and_age() -> None:
-    w = SampleWindow(max_samples=4)
+def test_window_is_bounded_by_its_time_window() -> None:
+    w = SampleWindow(window_seconds=3)
     for s in samples(*range(10), start=0):
         w.add(s)
     assert len(w) == 4 and [s.at for s in w.recent(now=9, window_seconds=100)] == [6, 7, 8, 9]
     assert [s.at for s in w.recent(now=9, window_seconds=1.5)] == [8, 9]
     w.add(Sample(at=3, host_kv_used=0, host_recommended=0, gpu_recommended=0))  # late: ignored
     assert [s.at for s in w.recent(now=9, window_seconds=100)] == [6, 7, 8, 9]
+    w.set_window(1)  # the spec's window shrank
+    assert [s.at for s in w.recent(now=9, window_seconds=100)] == [8, 9]
+
+
+def test_window_memory_follows_time_not_a_count() -> None:
+    """A scrape every second for 3 hours under a 30-minute window keeps 30 minutes of samples; a short window at a
+    fast scrape keeps no more than its seconds' worth either."""
+    w = SampleWindow(window_seconds=1800)
+    for t in range(3 * 3600):
+        w.add(Sample(at=float(t), host_kv_used=t, host_recommended=0, gpu_recommended=0))
+    assert len(w) == 1801
+    short = SampleWindow(window_seconds=60)
+    for t in range(5000):
+        short.add(Sample(at=t * 0.1, host_kv_used=t, host_recommended=0, gpu_recommended=0))
+    assert len(short) == 601
 
 
 @pytest.mark.parametrize(("inputs", "expected"), [
