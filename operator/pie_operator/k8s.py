@@ -43,6 +43,16 @@ def secret_value(secret: dict[str, Any] | None, key: str) -> str:
     return base64.b64decode(raw).decode().strip() if raw else ""
 
 
+def admin_token_missing(namespace: str, name: str, key: str) -> ApiException:
+    """The error of a pass that finds the admin-token Secret without a token: the operator will not overwrite a
+    Secret it did not fill, so a person has to remove it (the status's Degraded condition carries this message)."""
+    err = ApiException(status=409, reason="AdminTokenMissing")
+    err.body = json.dumps({"message": f"Secret {namespace}/{name} exists but has no {key!r}: the operator only "
+                                      f"creates Secrets, it never changes one; delete it (kubectl delete secret -n "
+                                      f"{namespace} {name}) and the next pass creates it with a new token"})
+    return err
+
+
 def load_api_client() -> ApiClient:
     """In-cluster service account when running in a pod, else $KUBECONFIG / ~/.kube/config."""
     try:
@@ -99,7 +109,8 @@ class Kube(ABC):
     @abstractmethod
     def ensure_admin_token(self, secret: dict[str, Any]) -> str:
         """The token in `secret` (builders.admin_secret with an empty token), created with a random one when the
-        Secret is missing or has none; never rotated (running engines read it once at start)."""
+        Secret is missing; never rotated (running engines read it once at start). A Secret that exists without a
+        token raises `admin_token_missing`'s ApiException: it is not overwritten."""
 
     @abstractmethod
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -206,18 +217,16 @@ class ApiKube(Kube):
         current = self.get("Secret", meta["namespace"], meta["name"])
         if token := secret_value(current, key):
             return token
+        if current is not None:
+            # Least privilege: the operator may create Secrets but not change one it finds (RBAC: get/create only).
+            raise admin_token_missing(meta["namespace"], meta["name"], key)
         token = secrets.token_urlsafe(32)
-        body = {**secret, "stringData": {key: token}}
-        if current is None:
-            try:
-                self._request("POST", self._path("Secret", meta["namespace"]), body)
-            except ApiException as e:
-                if e.status != 409:  # created meanwhile (another pass): use that one
-                    raise
-                return self.ensure_admin_token(secret)
-        else:
-            self._request("PATCH", self._path("Secret", meta["namespace"], meta["name"]), {"stringData": {key: token}},
-                          content_type="application/merge-patch+json")
+        try:
+            self._request("POST", self._path("Secret", meta["namespace"]), {**secret, "stringData": {key: token}})
+        except ApiException as e:
+            if e.status != 409:  # created meanwhile (another pass): use that one
+                raise
+            return self.ensure_admin_token(secret)
         return token
 
     # --- Owned singletons (Service, ConfigMap, PDB) ----------------------------------------------------------

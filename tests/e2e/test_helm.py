@@ -87,16 +87,16 @@ def new_namespace(k8s: Cluster, name: str) -> None:
 
 
 @contextmanager
-def installed(k8s: Cluster) -> Iterator[Release]:
-    """A fresh release in a namespace of its own, watching another; uninstalled and both namespaces deleted (their
-    pods gone first: GPUs are scarce) at the end."""
+def installed(k8s: Cluster, *, all_namespaces: bool = False) -> Iterator[Release]:
+    """A fresh release in a namespace of its own, watching another (or, `all_namespaces`, every namespace: the
+    chart's default); uninstalled and both namespaces deleted (their pods gone first: GPUs are scarce) at the end."""
     suffix = uuid.uuid4().hex[:6]
     rel = Release(f"pie-{suffix}", f"pie-system-{suffix}", f"helm-{suffix}", f"pie-{suffix}-pie-operator")
     for ns in (rel.namespace, rel.watched):
         new_namespace(k8s, ns)
     try:
-        rel.notes = helm(k8s, "install", rel.name, str(CHART), "-n", rel.namespace,
-                         "--set", f"watchNamespaces={{{rel.watched}}}").stdout
+        watch = [] if all_namespaces else ["--set", f"watchNamespaces={{{rel.watched}}}"]
+        rel.notes = helm(k8s, "install", rel.name, str(CHART), "-n", rel.namespace, *watch).stdout
         yield rel
     finally:
         helm(k8s, "uninstall", rel.name, "-n", rel.namespace, check=False)
@@ -108,6 +108,13 @@ def installed(k8s: Cluster) -> Iterator[Release]:
 def release(k8s: Cluster) -> Iterator[Release]:
     """A release the tests only look at (none of them may change it)."""
     with installed(k8s) as rel:
+        yield rel
+
+
+@pytest.fixture(scope="module")
+def cluster_release(k8s: Cluster) -> Iterator[Release]:
+    """A release with the chart's defaults (every namespace: a ClusterRole), only looked at."""
+    with installed(k8s, all_namespaces=True) as rel:
         yield rel
 
 
@@ -158,6 +165,7 @@ CAN_I = [  # (verb, resource, namespace key, allowed)
     ("list", "namespaces", None, True),
     ("create", "pods", "namespace", False),  # only in the watched namespace
     ("list", "secrets", "watched", False),  # get by name only: no bulk read of Secrets
+    ("patch", "secrets", "watched", False),  # and never a change to a Secret it finds
     ("update", "pods", "watched", False),
     ("delete", "services", "watched", False),
     ("update", "piedeployments.pie.io", "watched", False),
@@ -170,6 +178,39 @@ CAN_I = [  # (verb, resource, namespace key, allowed)
 @pytest.mark.parametrize(("verb", "resource", "where", "allowed"), CAN_I, ids=[f"{v}-{r}-{w}" for v, r, w, _ in CAN_I])
 def test_service_account_can_do_exactly_its_job(k8s: Cluster, release: Release, verb: str, resource: str,
                                                 where: str | None, allowed: bool) -> None:
+    _can_i(k8s, release, verb, resource, where, allowed)
+
+
+# The default install (every namespace): what it must do anywhere, and no more. `watched` is just some namespace.
+CAN_I_ALL_NAMESPACES = [
+    ("create", "pods", "watched", True),
+    ("delete", "pods", "watched", True),
+    ("patch", "pods/resize", "namespace", True),
+    ("get", "secrets", "watched", True),  # the admin-token Secret, read by name
+    ("create", "secrets", "watched", True),
+    ("patch", "secrets", "watched", False),  # a Secret it finds is never modified
+    ("update", "secrets", "watched", False),
+    ("list", "secrets", "watched", False),
+    ("watch", "secrets", "kube-system", False),
+    ("delete", "secrets", "watched", False),
+    ("update", "pods", "watched", False),
+    ("patch", "pods", "watched", False),
+    ("list", "namespaces", None, False),  # kopf lists Namespaces only when watching named ones
+    ("delete", "nodes", None, False),
+    ("create", "clusterroles.rbac.authorization.k8s.io", None, False),
+    ("create", "rolebindings.rbac.authorization.k8s.io", "watched", False),
+]
+
+
+@pytest.mark.parametrize(("verb", "resource", "where", "allowed"), CAN_I_ALL_NAMESPACES,
+                         ids=[f"{v}-{r}-{w}" for v, r, w, _ in CAN_I_ALL_NAMESPACES])
+def test_all_namespaces_service_account_can_do_exactly_its_job(k8s: Cluster, cluster_release: Release, verb: str,
+                                                               resource: str, where: str | None,
+                                                               allowed: bool) -> None:
+    _can_i(k8s, cluster_release, verb, resource, where, allowed)
+
+
+def _can_i(k8s: Cluster, release: Release, verb: str, resource: str, where: str | None, allowed: bool) -> None:
     ns = {"watched": release.watched, "namespace": release.namespace, None: None}.get(where, where)
     resource, _, sub = resource.partition("/")
     cp = k8s.kubectl("auth", "can-i", verb, resource, *([f"--subresource={sub}"] if sub else []),

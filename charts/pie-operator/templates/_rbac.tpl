@@ -28,10 +28,17 @@ that adding a verb is a deliberate change in both. Each rule names the code that
   resources: [pods/resize]
   verbs: [patch]
 # k8s.py apply (server-side apply = patch, and create when the object is new) and get of the owned singletons:
-# Service X, ConfigMap X-engine, the engine admin-token Secret, PodDisruptionBudget X.
+# Service X, ConfigMap X-engine, PodDisruptionBudget X.
 - apiGroups: [""]
-  resources: [services, configmaps, secrets]
+  resources: [services, configmaps]
   verbs: [get, create, patch]
+# k8s.py ensure_admin_token: the engines' admin token, Secret X-admin-token, read by name and created once. Never
+# patch/update (a Secret it finds without a token is reported, not changed), never list/watch (no bulk read).
+# NOTE: resourceNames cannot narrow this further: the names depend on each PieDeployment's name (RBAC matches exact
+# names, no prefixes), and a create request has no name RBAC could check at all.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, create, patch]

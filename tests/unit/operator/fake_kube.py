@@ -15,7 +15,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from pie_operator.k8s import Kube
+from pie_operator.k8s import Kube, admin_token_missing
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 Obj = dict[str, Any]
@@ -157,7 +157,10 @@ class FakeKube(Kube):
             data = {k: base64.b64encode(b"fake-token").decode() for k in secret["stringData"]}
             self.objects[key] = {**{k: v for k, v in secret.items() if k != "stringData"},
                                  "metadata": self._meta(secret["metadata"]), "data": data}
-        return base64.b64decode(next(iter(self.objects[key]["data"].values()))).decode()
+        token_key = next(iter(secret["stringData"]))
+        if not (self.objects[key].get("data") or {}).get(token_key):  # never overwritten (like k8s.ApiKube)
+            raise admin_token_missing(key[1], key[2], token_key)
+        return base64.b64decode(self.objects[key]["data"][token_key]).decode()
 
     def apply(self, obj: Obj) -> Obj:
         self._call("apply")

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not HELM.exists(), reason=f"no helm at {HELM}: r
 # (apiGroup, resource, verbs). Seen in the operator's code: k8s.py (get/list PieDeployments, patch /status, list/
 # create/delete pods, patch pods/resize, server-side apply of Service/ConfigMap/PDB, create core Events), kopf
 # (list/watch of PieDeployments and owned pods, /status patches, CRD watch), the blockOwnerDeletion ownerReferences
-# (finalizers update), and the admin-token Secret (get/create/patch).
+# (finalizers update), and the admin-token Secret (get/create: never patch, never list).
 NAMESPACED = {
     ("pie.io", "piedeployments", ("get", "list", "watch", "patch")),
     ("pie.io", "piedeployments/status", ("patch",)),
@@ -38,7 +38,7 @@ NAMESPACED = {
     ("", "pods/resize", ("patch",)),
     ("", "services", ("get", "create", "patch")),
     ("", "configmaps", ("get", "create", "patch")),
-    ("", "secrets", ("get", "create", "patch")),
+    ("", "secrets", ("get", "create")),
     ("policy", "poddisruptionbudgets", ("get", "create", "patch")),
     ("", "events", ("create",)),
 }
