@@ -121,7 +121,7 @@ def decide(snap: Snapshot) -> ReconcilePlan:
     tplan = plan_tuning(spec, initial, tuned, prev_pods, snap.views, now=now.timestamp(),
                         resize_supported=snap.resize_supported,
                         tmpl_request=template_request(spec, prev_memory.get("hostMemoryRequest")))
-    gpu = _gpu(tplan.gpu, {p["metadata"]["name"]: p for p in tuned}, prev_pods, spec.engine.port)
+    gpu = _gpu(tplan.gpu, {p["metadata"]["name"]: p for p in tuned}, prev_pods, spec.engine.admin_port)
     budget = template_budget(spec, prev_memory.get("gpuMemoryBudget"))
     if gpu.latest is not None and spec.memory.tuning.gpu_memory_budget_min is not None:
         budget = gpu.latest

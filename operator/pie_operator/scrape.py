@@ -7,7 +7,8 @@ The HTTP contract the operator relies on (engine side: engine/pie_engine/server/
 - ``GET /metrics`` -> Prometheus text format with at least the REQUIRED names below (gauges/counters as one unlabeled
   sample each; ``pie_iteration_seconds`` a histogram with ``_sum`` and ``_count``). A name missing, a value that is
   not a finite number >= 0, or text the parser rejects makes the whole scrape stale.
-- ``POST /v1/pie/admin/gpu-memory-budget`` with ``Authorization: Bearer <token>`` (the token the engine read from
+- ``POST /v1/pie/admin/gpu-memory-budget`` on the engine's admin port (``--admin-port``, spec.engine.adminPort; the
+  public port answers 404 for it) with ``Authorization: Bearer <token>`` (the token the engine read from
   ``--admin-token-file``) and the JSON body ``{"bytes": N}``:
   200 -> applied live; 409 ``{"error": {"message": "...needs a restart..."}}`` -> not possible live (the operator
   replaces the pod instead); 401/403 (token mismatch, admin disabled) and 404 (an engine without the endpoint) are
