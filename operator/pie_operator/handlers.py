@@ -20,6 +20,7 @@ from typing import Any
 import kopf
 
 from pie_operator.builders import DEPLOYMENT_LABEL
+from pie_operator.config import OperatorConfig
 from pie_operator.k8s import Kube
 from pie_operator.observe import Observations, scrape_loop
 from pie_operator.reconcile import Outcome, reconcile
@@ -35,9 +36,11 @@ class Reconciler:
     and create pods twice) and coalesces bursts: a request is dropped when a run for the same object is already
     queued but not started, because that run will read the newer cluster state anyway."""
 
-    def __init__(self, kube: Kube, observations: Observations | None = None) -> None:
+    def __init__(self, kube: Kube, observations: Observations | None = None,
+                 config: OperatorConfig | None = None) -> None:
         self.kube = kube
         self.observations = observations
+        self.config = config
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._queued: set[tuple[str, str]] = set()
 
@@ -49,7 +52,8 @@ class Reconciler:
         async with self._locks.setdefault(key, asyncio.Lock()):
             self._queued.discard(key)
             for _ in range(1 + REQUEUES):
-                out = await asyncio.to_thread(reconcile, self.kube, namespace, name, observations=self.observations)
+                out = await asyncio.to_thread(reconcile, self.kube, namespace, name, observations=self.observations,
+                                              config=self.config)
                 if out is not None and (out.created or out.deleted or out.resized or out.gpu_live):
                     log.info("%s/%s: revision %s created=%s deleted=%s resized=%s gpu_live=%s phase=%s", namespace,
                              name, out.revision, out.created, out.deleted, out.resized, out.gpu_live,

@@ -32,6 +32,7 @@ _PATHS = {  # kind -> collection path in a namespace
     "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
     "Secret": "/api/v1/namespaces/{ns}/secrets",
     "PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
+    "NetworkPolicy": "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
     "Event": "/api/v1/namespaces/{ns}/events",
     "PieDeployment": f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}",
 }
@@ -87,6 +88,10 @@ class Kube(ABC):
     @abstractmethod
     def supports_resize(self) -> bool:
         """Whether the apiserver serves the pods/resize subresource (in-place pod resize)."""
+
+    @abstractmethod
+    def list_nodes(self, selector: str) -> list[dict[str, Any]]:
+        """Nodes matching the label `selector` (cluster-scoped: needs `list nodes`)."""
 
     # --- writes -----------------------------------------------------------------------------------------------
     @abstractmethod
@@ -192,6 +197,9 @@ class ApiKube(Kube):
         patch = {"spec": {"containers": [{"name": container, "resources": resources}]}}
         self._request("PATCH", self._path("Pod", namespace, name) + "/resize", patch,
                       content_type="application/strategic-merge-patch+json")
+
+    def list_nodes(self, selector: str) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/api/v1/nodes", query={"labelSelector": selector}).get("items", []))
 
     def supports_resize(self) -> bool:
         """Kubernetes >= 1.33. Asked once per operator process: discovery first, the server version where discovery

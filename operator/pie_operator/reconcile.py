@@ -22,6 +22,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from pie_operator.actuate import Outcome, SetBudget, act, write_status
+from pie_operator.config import OperatorConfig
 from pie_operator.decide import decide, desired_status
 from pie_operator.k8s import Kube
 from pie_operator.observe import Observations, PodTarget
@@ -35,7 +36,8 @@ __all__ = ["Outcome", "reconcile"]
 
 
 def reconcile(kube: Kube, namespace: str, name: str, *, now: datetime | None = None,
-              observations: Observations | None = None, set_budget: SetBudget = set_gpu_budget) -> Outcome | None:
+              observations: Observations | None = None, set_budget: SetBudget = set_gpu_budget,
+              config: OperatorConfig | None = None) -> Outcome | None:
     """One pass toward the spec. Returns None when the PieDeployment is gone or being deleted (garbage collection
     through ownerReferences removes the children; no finalizer needed). An error from the Kubernetes API is put in
     the status (Degraded, reason ApiError) and raised again, so that the caller retries."""
@@ -44,7 +46,7 @@ def reconcile(kube: Kube, namespace: str, name: str, *, now: datetime | None = N
         return None
     now = now or datetime.now(timezone.utc)
     try:
-        snap = observe(kube, body, now=now, observations=observations)
+        snap = observe(kube, body, now=now, observations=observations, config=config)
         plan = decide(snap)
         out = act(kube, snap, plan, set_budget=set_budget)
         pods = kube.list_pods(namespace, snap.selector, body["metadata"]["uid"]) if out.pods_changed else snap.pods

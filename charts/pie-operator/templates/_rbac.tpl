@@ -42,6 +42,12 @@ that adding a verb is a deliberate change in both. Each rule names the code that
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, create, patch]
+{{- if .Values.engineAdmin.networkPolicy }}
+# k8s.py apply/get of NetworkPolicy X-admin (engineAdmin.networkPolicy): only the operator reaches the admin port.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, patch]
+{{- end }}
 # k8s.py post_event and kopf's warning/error events: core/v1 Events only (events.k8s.io is not used).
 - apiGroups: [""]
   resources: [events]
@@ -53,6 +59,15 @@ that adding a verb is a deliberate change in both. Each rule names the code that
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]
+{{- end }}
+
+{{/* gh200.memoryModeLabel: k8s.py list_nodes reads the GPU memory mode label of the nodes engines run on. */}}
+{{- define "pie-operator.rules.nodes" -}}
+{{- if .Values.gh200.memoryModeLabel }}
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [list]
+{{- end }}
 {{- end }}
 
 {{/* Only when watching named namespaces: kopf lists+watches Namespaces to notice them (dis)appearing. */}}

@@ -52,6 +52,7 @@ class FakeKube(Kube):
         self.writes: list[tuple[str, str]] = []
         self.fail: dict[str, ApiException] = {}
         self.resize = resize
+        self.nodes: dict[str, dict[str, str]] = {}  # node name -> labels
         self.now = T0  # creationTimestamp of what is created
         self._ids = itertools.count(1)
 
@@ -113,6 +114,22 @@ class FakeKube(Kube):
     def supports_resize(self) -> bool:
         self._call("supports_resize")
         return self.resize
+
+    def list_nodes(self, selector: str) -> list[Obj]:
+        """`key`, `key=v` and `key!=v` terms, like the apiserver's label selectors."""
+        self._call("list_nodes")
+
+        def match(labels: dict[str, str], term: str) -> bool:
+            if "!=" in term:
+                k, v = term.split("!=", 1)
+                return labels.get(k) != v
+            if "=" in term:
+                k, v = term.split("=", 1)
+                return labels.get(k) == v
+            return term in labels
+
+        return [{"metadata": {"name": n, "labels": dict(labels)}} for n, labels in sorted(self.nodes.items())
+                if all(match(labels, t) for t in selector.split(","))]
 
     # --- Kube: writes ----------------------------------------------------------------------------------------
     def patch_status(self, namespace: str, name: str, status: Obj) -> None:
