@@ -239,7 +239,8 @@ def _free_port() -> int:
 def test_operator_as_the_service_account_reconciles(k8s: Cluster, own_release: Release, tmp_path: Path) -> None:
     release = own_release
     kubeconfig = _token_kubeconfig(k8s, release, tmp_path / "sa-kubeconfig")
-    denied = subprocess.run([str(k8s.bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig), "get", "nodes"],
+    denied = subprocess.run([str(k8s.bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig), "get", "secrets",
+                             "-n", "kube-system"],
                             capture_output=True, text=True, timeout=30)
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()  # really authenticated as the SA
     (c,) = get(k8s, release.namespace, "deployment", release.service_account)["spec"]["template"]["spec"]["containers"]
@@ -262,7 +263,8 @@ def test_operator_as_the_service_account_reconciles(k8s: Cluster, own_release: R
     try:
         k8s.kubectl("apply", "-n", ns, "-f", str(REPO / "examples" / "minimal.yaml"))
         wait_for(lambda: _converged(k8s, ns, 1), "tiny Ready with 1 pod", log=log, state=state)
-        for kind, name in (("service", NAME), ("configmap", f"{NAME}-engine"), ("poddisruptionbudget", NAME)):
+        for kind, name in (("service", NAME), ("configmap", f"{NAME}-engine"), ("poddisruptionbudget", NAME),
+                           ("networkpolicy", f"{NAME}-admin")):
             get(k8s, ns, kind, name)  # server-side applied under the Role
         (pod,) = _pods(k8s, ns)
         # pods/resize: a new memory floor is applied in place.
