@@ -103,3 +103,32 @@ def test_host_path_source_needs_the_allowlist(k8s: Cluster, k8s_namespace: str, 
                  "the Invalid phase cleared", timeout=60, op=op)
     finally:
         op.stop()
+
+
+def test_a_tokenless_admin_secret_is_reported_not_overwritten(k8s: Cluster, k8s_namespace: str,
+                                                              tmp_path: Path) -> None:
+    """The operator may create Secrets but not change them: one in the way is a clear condition, and nothing else."""
+    ns = k8s_namespace
+    k8s.kubectl("create", "secret", "generic", f"{NAME}-admin-token", "-n", ns, "--from-literal=other=x")
+    op = started(k8s, ns, tmp_path)
+    try:
+        apply_tiny(k8s, ns)
+
+        def reported() -> dict[str, Any] | None:
+            c = condition(get(k8s, ns, "pied", NAME), "Degraded")
+            return c if c.get("status") == "True" and "has no 'token'" in c.get("message", "") else None
+
+        c = wait_for(reported, "Degraded naming the token-less Secret", timeout=60, op=op)
+        assert f"kubectl delete secret -n {ns} {NAME}-admin-token" in c["message"], c
+        secret = get(k8s, ns, "secret", f"{NAME}-admin-token")
+        assert set(secret["data"]) == {"other"}  # untouched
+        k8s.kubectl("delete", "secret", f"{NAME}-admin-token", "-n", ns)  # what the message says to do
+
+        def recreated() -> bool:
+            cp = k8s.kubectl("get", "-n", ns, "secret", f"{NAME}-admin-token", "-o", "json", check=False)
+            data = json.loads(cp.stdout).get("data") or {} if cp.returncode == 0 else {}
+            return "token" in data and condition(get(k8s, ns, "pied", NAME), "Degraded").get("reason") != "ApiError"
+
+        wait_for(recreated, "a fresh Secret with a token, and the condition cleared", timeout=90, op=op)
+    finally:
+        op.stop()
