@@ -9,6 +9,7 @@ import inspect
 import logging
 import os
 import signal
+import socket
 import sys
 from enum import Enum
 from pathlib import Path
@@ -61,6 +62,9 @@ def _admin_token(path: Path | None) -> str | None:
 _SERVER_OPTIONS = [
     ("host", str, typer.Option("0.0.0.0", help="address to bind")),
     ("port", int, typer.Option(8000, min=1, max=65535, help="port to bind")),
+    ("admin_port", int | None, typer.Option(
+        None, min=1, max=65535, help="serve the admin endpoints on this port only (the public --port answers 404 "
+        "for them); default: on --port")),
     ("admin_token_file", Path | None, typer.Option(
         None, help="file with the bearer token for admin endpoints (default: $PIE_ADMIN_TOKEN; none: disabled)")),
     ("log_level", str, typer.Option("info", help="uvicorn / engine log level")),
@@ -100,15 +104,26 @@ def build_config(values: dict[str, Any]) -> EngineConfig:
 def serve(**options: Any) -> None:
     """Run the OpenAI-compatible server."""
     host, port, log_level = options.pop("host"), options.pop("port"), options.pop("log_level")
-    admin_token_file = options.pop("admin_token_file")
+    admin_token_file, admin_port = options.pop("admin_token_file"), options.pop("admin_port")
+    if admin_port == port:
+        _fail(f"--admin-port must differ from --port (both {port}): the admin endpoint gets a port of its own")
     if not (Path(options["model"]) / "config.json").is_file():
         _fail(f"--model {options['model']}: no config.json there (expected an HF-format model directory)")
     config = build_config(options)
-    run_server(config, host, port, log_level, _admin_token(admin_token_file))
+    run_server(config, host, port, log_level, _admin_token(admin_token_file), admin_port)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket like uvicorn's own (IPv6 when `host` is an IPv6 address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port}: {e}")
 
 
 def run_server(config: EngineConfig, host: str, port: int, log_level: str = "info",
-               admin_token: str | None = None) -> None:
+               admin_token: str | None = None, admin_port: int | None = None) -> None:
     """Load the engine for ``config`` and serve it until SIGTERM/SIGINT: what `serve` runs once its flags are
     parsed (bench/serve_config.py runs it with fields that are not flags)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -121,13 +136,16 @@ def run_server(config: EngineConfig, host: str, port: int, log_level: str = "inf
         engine = create_engine(config)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(f"cannot load the model: {e}")
-    fastapi_app = create_app(engine, admin_token=admin_token)
+    fastapi_app = create_app(engine, admin_token=admin_token, admin_port=admin_port)
     # uvicorn handles SIGTERM/SIGINT: it stops accepting, waits (bounded) for open requests, then runs the app's
     # lifespan shutdown, which aborts what is left and stops the engine thread. Afterwards it re-raises the signal
     # with the previous handler restored: this one turns that into a clean exit status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_quietly)
-    uvicorn.run(fastapi_app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=30)
+    server = uvicorn.Server(uvicorn.Config(fastapi_app, host=host, port=port, log_level=log_level.lower(),
+                                           timeout_graceful_shutdown=30))
+    # One server on both ports: one lifespan and one graceful shutdown; AdminPortGuard tells the ports apart.
+    server.run(sockets=None if admin_port is None else [_listen(host, port), _listen(host, admin_port)])
 
 
 # typer reads the flags from the signature: the server's options, then one per EngineConfig field.

@@ -11,6 +11,7 @@ import hashlib
 import json
 from typing import Any
 
+from pie_operator.config import AdminPeer
 from pie_operator.memory import MemoryDecision, pod_memory
 from pie_operator.spec import API_VERSION, KIND, PieDeploymentSpec
 
@@ -61,13 +62,15 @@ def engine_args(spec: PieDeploymentSpec, name: str, decision: MemoryDecision) ->
         args += ["--expansion-latency-target", str(decision.expansion_latency_target)]
     if decision.host_memory_limit is not None:
         args += ["--host-memory-limit", str(decision.host_memory_limit)]
-    args += ["--admin-token-file", ADMIN_TOKEN_FILE]
+    args += ["--admin-token-file", ADMIN_TOKEN_FILE, "--admin-port", str(spec.engine.admin_port)]
     return args + list(spec.engine.args)
 
 
-def owned_names(name: str) -> dict[str, str]:
-    """kind -> name of the objects besides pods that PieDeployment `name` owns and keeps as rendered here."""
-    return {"Service": name, "ConfigMap": f"{name}-engine", "PodDisruptionBudget": name}
+def owned_names(name: str, *, network_policy: bool = False) -> dict[str, str]:
+    """kind -> name of the objects besides pods that PieDeployment `name` owns and keeps as rendered here
+    (`network_policy`: the operator knows its own pods, so it renders `admin_network_policy`)."""
+    names = {"Service": name, "ConfigMap": f"{name}-engine", "PodDisruptionBudget": name}
+    return {**names, "NetworkPolicy": f"{name}-admin"} if network_policy else names
 
 
 def admin_secret_name(name: str) -> str:
@@ -122,7 +125,9 @@ def _container(spec: PieDeploymentSpec, name: str, decision: MemoryDecision) -> 
         "imagePullPolicy": spec.engine.image_pull_policy,
         "command": ["pie-engine", "serve"],
         "args": engine_args(spec, name, decision),
-        "ports": [{"name": "http", "containerPort": spec.engine.port, "protocol": "TCP"}],
+        # `admin`: the GPU-budget endpoint, for the operator only (admin_network_policy); no Service targets it.
+        "ports": [{"name": "http", "containerPort": spec.engine.port, "protocol": "TCP"},
+                  {"name": "admin", "containerPort": spec.engine.admin_port, "protocol": "TCP"}],
         "env": env,
         "resources": {"requests": requests, "limits": limits},
         # The memory request follows the adaptive pool: resizing it must not restart the engine (KV would be lost).
@@ -246,4 +251,26 @@ def pod_disruption_budget(spec: PieDeploymentSpec, name: str, namespace: str, ow
         "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
         "metadata": {"name": name, "namespace": namespace, "labels": common_labels(name), "ownerReferences": [owner]},
         "spec": {"maxUnavailable": spec.rollout.max_unavailable, "selector": {"matchLabels": selector_labels(name)}},
+    }
+
+
+def admin_network_policy(spec: PieDeploymentSpec, name: str, namespace: str, owner: dict[str, Any],
+                         peer: AdminPeer) -> dict[str, Any]:
+    """Ingress to the engine pods: their public port from anywhere (as without a policy), their admin port only
+    from the operator's pods. NOTE: NetworkPolicies add up, so another policy that admits all ports to these pods
+    opens the admin port too; the bearer token still guards it."""
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": owned_names(name, network_policy=True)["NetworkPolicy"], "namespace": namespace,
+                     "labels": common_labels(name), "ownerReferences": [owner]},
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"ports": [{"port": spec.engine.port, "protocol": "TCP"}]},
+                {"ports": [{"port": spec.engine.admin_port, "protocol": "TCP"}],
+                 "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": peer.namespace}},
+                           "podSelector": {"matchLabels": dict(sorted(peer.labels.items()))}}]},
+            ],
+        },
     }

@@ -8,6 +8,8 @@ import socket
 
 import typer
 
+from pie_operator.config import AdminPeer, OperatorConfig, normalize_allow, parse_labels
+
 app = typer.Typer(add_completion=False, help="Pie operator: reconciles PieDeployments into GH200 engine pods.")
 
 
@@ -40,6 +42,16 @@ def run(
     metrics_concurrency: int = typer.Option(16, "--metrics-concurrency", min=1, help="Engines scraped at once."),
     reconcile_concurrency: int = typer.Option(16, "--reconcile-concurrency", min=1,
                                               help="PieDeployments reconciled at once (resyncs, after scrapes)."),
+    host_path_allow: list[str] = typer.Option([], "--host-path-allow", help="A node directory (and what is below "
+                                              "it) that hostPath model sources may use (repeatable; none: no "
+                                              "hostPath sources)."),
+    admin_peer_namespace: str = typer.Option("", "--admin-peer-namespace", help="The operator's namespace: with "
+                                             "--admin-peer-labels, each PieDeployment gets a NetworkPolicy "
+                                             "admitting only these pods to the engines' admin port."),
+    admin_peer_labels: str = typer.Option("", "--admin-peer-labels", help="The operator pods' labels, k=v,k2=v2."),
+    memory_mode_label: str = typer.Option("", "--memory-mode-label", help="Node label naming the GPU memory mode "
+                                          "(e.g. pie.io/gpu-memory-mode): warn when a pod runs on a node whose mode "
+                                          "is not cdmm. Needs `list nodes`."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     log_passes: bool = typer.Option(False, "--log-passes", help="Log every reconcile pass and its duration "
                                     "(what bench/operator_scale.py measures latency from)."),
@@ -48,6 +60,7 @@ def run(
     if bool(namespace) == all_namespaces:
         raise typer.BadParameter("pass --namespace NS (one or more) or --all-namespaces, not both / neither")
     kopf_priority = peering_priority(priority)
+    config = operator_config(host_path_allow, admin_peer_namespace, admin_peer_labels, memory_mode_label)
     import kopf
 
     from pie_operator import handlers  # noqa: F401 -- registers the handlers in kopf's default registry
@@ -63,11 +76,25 @@ def run(
     if log_passes:
         logging.getLogger("pie_operator.passes").setLevel(logging.DEBUG)
     kube = ApiKube()
-    memo = kopf.Memo(kube=kube, reconciler=Reconciler(kube, Observations(), reconcile_concurrency),
+    memo = kopf.Memo(kube=kube, reconciler=Reconciler(kube, Observations(), reconcile_concurrency, config),
                      namespaces=None if all_namespaces else list(namespace), resync_seconds=resync_seconds,
                      scrape=ScrapeSettings(metrics_interval, metrics_timeout, metrics_concurrency))
     kopf.run(standalone=standalone, clusterwide=all_namespaces, namespaces=namespace, liveness_endpoint=liveness,
              priority=kopf_priority, memo=memo)
+
+
+def operator_config(host_path_allow: list[str], peer_namespace: str, peer_labels: str,
+                    memory_mode_label: str) -> OperatorConfig:
+    """The policy flags as an OperatorConfig; a bad value is a usage error naming the flag."""
+    if bool(peer_namespace) != bool(peer_labels):
+        raise typer.BadParameter("--admin-peer-namespace and --admin-peer-labels go together (both or neither)")
+    try:
+        labels = parse_labels(peer_labels)
+        allow = normalize_allow(host_path_allow)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    peer = AdminPeer(peer_namespace, labels) if peer_namespace else None
+    return OperatorConfig(host_path_allow=allow, admin_peer=peer, memory_mode_label=memory_mode_label)
 
 
 def peering_priority(value: str) -> int:

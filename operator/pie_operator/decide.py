@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pie_operator import builders, memory
+from pie_operator.config import MEMORY_MODE_CONDITION, memory_mode_condition, memory_mode_problems
 from pie_operator.memory import initial_decision, pod_memory
 from pie_operator.planning import Plan, Pod, is_finished, is_ready, is_terminating, plan, revision
 from pie_operator.quantity import format_bytes, parse_bytes
 from pie_operator.rollout import RolloutState, advance, baseline_stall, gate_verdict, serving
 from pie_operator.scrape import Observation
 from pie_operator.snapshot import Snapshot
-from pie_operator.status import compute_status, invalid_status
+from pie_operator.status import compute_status, condition, invalid_status
 from pie_operator.tuning import (
     GPU_ATTEMPTS,
     GPU_REJECTED,
@@ -130,7 +131,7 @@ def decide(snap: Snapshot) -> ReconcilePlan:
                         tmpl_limit=parse_bytes(prev_memory["hostMemoryLimit"]) if prev_memory.get("hostMemoryLimit")
                         else None)
     surge, unavailable = spec.rollout.bounds(spec.replicas)
-    gpu = _gpu(tplan.gpu, {p["metadata"]["name"]: p for p in tuned}, prev_pods, spec.engine.port, last=last,
+    gpu = _gpu(tplan.gpu, {p["metadata"]["name"]: p for p in tuned}, prev_pods, spec.engine.admin_port, last=last,
                now=now.timestamp(), max_live=max(1, unavailable))
     budget = template_budget(spec, prev_memory.get("gpuMemoryBudget"))
     if gpu.latest is not None and spec.memory.tuning.gpu_memory_budget_min is not None:
@@ -147,6 +148,8 @@ def decide(snap: Snapshot) -> ReconcilePlan:
     desired = [builders.service(spec, name, namespace, owner),
                builders.config_map(spec, name, namespace, target.revision, decision, owner),
                builders.pod_disruption_budget(spec, name, namespace, owner)]
+    if (peer := snap.config.admin_peer) is not None:
+        desired.append(builders.admin_network_policy(spec, name, namespace, owner, peer))
     return ReconcilePlan(
         revision=target.revision,
         admin_secret=None if snap.admin_token else builders.admin_secret(name, namespace, "", owner),
@@ -178,12 +181,17 @@ def desired_status(snap: Snapshot, plan: ReconcilePlan, pods: list[Pod], learned
     prev_pods = {e["name"]: e for e in previous.get("pods") or [] if e.get("name")}
     memo = {pod: {**prev_pods.get(pod, {}), **plan.memo.get(pod, {}), **learned.get(pod, {})}
             for pod in {p["metadata"]["name"] for p in pods}}
-    return compute_status(
+    status = compute_status(
         name=snap.name, pods=pods, replicas=snap.spec.replicas, desired_revision=plan.revision,
         generation=snap.generation, selector=snap.selector,
         memory=(previous.get("memory") or plan.status_memory) if stopped else plan.status_memory,
         previous=previous, now=snap.now, rollout=plan.rollout, observations={p: v.last for p, v in snap.views.items()},
         memo=memo, decisions=decisions)
+    if label := snap.config.memory_mode_label:  # only where the operator was told which node label to read
+        mode = memory_mode_condition(memory_mode_problems(pods, snap.node_modes, label), label)
+        status["conditions"].append(condition(MEMORY_MODE_CONDITION, *mode, snap.generation,
+                                              previous.get("conditions") or [], snap.now))
+    return status
 
 
 @dataclass

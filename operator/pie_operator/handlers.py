@@ -23,6 +23,7 @@ from typing import Any
 import kopf
 
 from pie_operator.builders import DEPLOYMENT_LABEL
+from pie_operator.config import OperatorConfig
 from pie_operator.k8s import Kube
 from pie_operator.observe import Observations, scrape_loop
 from pie_operator.reconcile import Outcome, reconcile
@@ -42,9 +43,11 @@ class Reconciler:
     state anyway. A pass whose pod creation backs off (`Outcome.retry_after`) gets a run of its own when the wait is
     over, whatever else triggers one."""
 
-    def __init__(self, kube: Kube, observations: Observations | None = None, concurrency: int = CONCURRENCY) -> None:
+    def __init__(self, kube: Kube, observations: Observations | None = None, concurrency: int = CONCURRENCY,
+                 config: OperatorConfig | None = None) -> None:
         self.kube = kube
         self.observations = observations
+        self.config = config
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._queued: set[tuple[str, str]] = set()
         self._slots = asyncio.Semaphore(concurrency)
@@ -64,7 +67,8 @@ class Reconciler:
             for _ in range(1 + REQUEUES):
                 started = time.monotonic()
                 out = await asyncio.get_running_loop().run_in_executor(self._threads, partial(
-                    reconcile, self.kube, namespace, name, observations=self.observations))
+                    reconcile, self.kube, namespace, name, observations=self.observations,
+                    config=self.config))
                 passes.debug("pass %s/%s %.4f s", namespace, name, time.monotonic() - started)
                 if out is not None and (out.created or out.deleted or out.resized or out.gpu_live):
                     log.info("%s/%s: revision %s created=%s deleted=%s resized=%s gpu_live=%s phase=%s", namespace,

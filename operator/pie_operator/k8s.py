@@ -32,6 +32,7 @@ _PATHS = {  # kind -> collection path in a namespace
     "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
     "Secret": "/api/v1/namespaces/{ns}/secrets",
     "PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
+    "NetworkPolicy": "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
     "Event": "/api/v1/namespaces/{ns}/events",
     "PieDeployment": f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}",
 }
@@ -41,6 +42,16 @@ def secret_value(secret: dict[str, Any] | None, key: str) -> str:
     """The (stripped) value under `key` of a Secret as read from the apiserver; "" when there is none."""
     raw = ((secret or {}).get("data") or {}).get(key)
     return base64.b64decode(raw).decode().strip() if raw else ""
+
+
+def admin_token_missing(namespace: str, name: str, key: str) -> ApiException:
+    """The error of a pass that finds the admin-token Secret without a token: the operator will not overwrite a
+    Secret it did not fill, so a person has to remove it (the status's Degraded condition carries this message)."""
+    err = ApiException(status=409, reason="AdminTokenMissing")
+    err.body = json.dumps({"message": f"Secret {namespace}/{name} exists but has no {key!r}: the operator only "
+                                      f"creates Secrets, it never changes one; delete it (kubectl delete secret -n "
+                                      f"{namespace} {name}) and the next pass creates it with a new token"})
+    return err
 
 
 def load_api_client() -> ApiClient:
@@ -79,6 +90,10 @@ class Kube(ABC):
         """Whether the apiserver serves the pods/resize subresource (in-place pod resize); None: it could not be told
         now (a transient API error), so nothing may be decided from it -- ask again on a later pass."""
 
+    @abstractmethod
+    def list_nodes(self, selector: str) -> list[dict[str, Any]]:
+        """Nodes matching the label `selector` (cluster-scoped: needs `list nodes`)."""
+
     # --- writes -----------------------------------------------------------------------------------------------
     @abstractmethod
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
@@ -104,7 +119,8 @@ class Kube(ABC):
     @abstractmethod
     def ensure_admin_token(self, secret: dict[str, Any]) -> str:
         """The token in `secret` (builders.admin_secret with an empty token), created with a random one when the
-        Secret is missing or has none; never rotated (running engines read it once at start)."""
+        Secret is missing; never rotated (running engines read it once at start). A Secret that exists without a
+        token raises `admin_token_missing`'s ApiException: it is not overwritten."""
 
     @abstractmethod
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -197,6 +213,9 @@ class ApiKube(Kube):
         self._request("PATCH", self._path("Pod", namespace, name) + "/resize", patch,
                       content_type="application/strategic-merge-patch+json")
 
+    def list_nodes(self, selector: str) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/api/v1/nodes", query={"labelSelector": selector}).get("items", []))
+
     def supports_resize(self) -> bool | None:
         """Kubernetes >= 1.33. Asked until answered, then once per operator process: discovery first, the server
         version where discovery says nothing. A failed request is no answer (None, not cached): one 429 must not turn
@@ -222,18 +241,16 @@ class ApiKube(Kube):
         current = self.get("Secret", meta["namespace"], meta["name"])
         if token := secret_value(current, key):
             return token
+        if current is not None:
+            # Least privilege: the operator may create Secrets but not change one it finds (RBAC: get/create only).
+            raise admin_token_missing(meta["namespace"], meta["name"], key)
         token = secrets.token_urlsafe(32)
-        body = {**secret, "stringData": {key: token}}
-        if current is None:
-            try:
-                self._request("POST", self._path("Secret", meta["namespace"]), body)
-            except ApiException as e:
-                if e.status != 409:  # created meanwhile (another pass): use that one
-                    raise
-                return self.ensure_admin_token(secret)
-        else:
-            self._request("PATCH", self._path("Secret", meta["namespace"], meta["name"]), {"stringData": {key: token}},
-                          content_type="application/merge-patch+json")
+        try:
+            self._request("POST", self._path("Secret", meta["namespace"]), {**secret, "stringData": {key: token}})
+        except ApiException as e:
+            if e.status != 409:  # created meanwhile (another pass): use that one
+                raise
+            return self.ensure_admin_token(secret)
         return token
 
     # --- Owned singletons (Service, ConfigMap, PDB) ----------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from pie_operator.actuate import Outcome, SetBudget, act, describe_api_error, write_status
+from pie_operator.config import OperatorConfig
 from pie_operator.decide import decide, desired_status
 from pie_operator.k8s import Kube
 from pie_operator.observe import Observations, PodTarget
@@ -55,7 +56,8 @@ def create_wait(previous: dict[str, Any], now: datetime) -> float:
 
 
 def reconcile(kube: Kube, namespace: str, name: str, *, now: datetime | None = None,
-              observations: Observations | None = None, set_budget: SetBudget = set_gpu_budget) -> Outcome | None:
+              observations: Observations | None = None, set_budget: SetBudget = set_gpu_budget,
+              config: OperatorConfig | None = None) -> Outcome | None:
     """One pass toward the spec. Returns None when the PieDeployment is gone or being deleted (garbage collection
     through ownerReferences removes the children; no finalizer needed). An error from the Kubernetes API is put in
     the status (Degraded, reason ApiError) and raised again, so that the caller retries; a pod the apiserver refuses
@@ -66,7 +68,7 @@ def reconcile(kube: Kube, namespace: str, name: str, *, now: datetime | None = N
         return None
     now = now or datetime.now(timezone.utc)
     try:
-        snap = observe(kube, body, now=now, observations=observations)
+        snap = observe(kube, body, now=now, observations=observations, config=config)
         plan = decide(snap)
         wait = create_wait(snap.previous, now)
         held = wait > 0 and plan.steps.create > 0

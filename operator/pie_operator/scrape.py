@@ -9,7 +9,8 @@ The HTTP contract the operator relies on (engine side: engine/pie_engine/server/
   not a finite number >= 0, or text the parser rejects makes the whole scrape stale.
 - ``POST /v1/completions`` ``{"model": <served name>, "prompt": "ping", "max_tokens": 1}`` -> 200 with at least one
   choice: the probe request of the rollout gate (`probe`), sent to pods that have not passed their gate yet.
-- ``POST /v1/pie/admin/gpu-memory-budget`` with ``Authorization: Bearer <token>`` (the token the engine read from
+- ``POST /v1/pie/admin/gpu-memory-budget`` on the engine's admin port (``--admin-port``, spec.engine.adminPort; the
+  public port answers 404 for it) with ``Authorization: Bearer <token>`` (the token the engine read from
   ``--admin-token-file``) and the JSON body ``{"bytes": N}``:
   200 -> applied live; 409 with ``error.code`` ``"busy"`` (an unfinished request needs more KV than the budget holds;
   older engines say "retry once the request finished" in the message) -> not now: retried later, never a

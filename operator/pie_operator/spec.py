@@ -34,10 +34,12 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 # Flags the operator renders itself; extra args must not repeat them (the engine would see them twice).
 OWNED_FLAGS = ("model", "host", "port", "served-model-name", "dtype", "max-model-len", "gpu-memory-budget",
-               "expansion", "expansion-latency-target", "host-memory-limit", "admin-token-file")
+               "expansion", "expansion-latency-target", "host-memory-limit", "admin-token-file", "admin-port")
 OWNED_FLAGS_RE = r"^--(" + "|".join(OWNED_FLAGS) + r")(=.*)?$"
 GH200_PRODUCT = "NVIDIA-GH200-480GB"
 # The same words as the CRD's CEL rule (tests/unit/operator/test_crd.py), so kubectl and the operator agree.
+ADMIN_PORT_MESSAGE = ("engine.adminPort must differ from engine.port: the admin endpoint gets a port of its own, "
+                      "which the Service does not expose")
 LATENCY_TARGET_MODE_MESSAGE = ("memory.expansion.latencyTarget is only allowed with memory.expansion.mode adaptive "
                                "(static and off do not adapt the expansion to latency)")
 
@@ -108,6 +110,13 @@ class EngineSpec(_Model):
     env: list[EnvVar] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
     port: int = Field(default=8000, ge=1, le=65535)
+    admin_port: int = Field(default=8001, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _own_admin_port(self) -> EngineSpec:
+        if self.admin_port == self.port:
+            raise ValueError(ADMIN_PORT_MESSAGE)
+        return self
 
     @field_validator("args")
     @classmethod

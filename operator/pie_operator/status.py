@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+from pie_operator.config import MEMORY_MODE_CONDITION
 from pie_operator.planning import Pod, is_finished, is_ready, is_terminating, memory_request, revision
 from pie_operator.quantity import format_bytes
 from pie_operator.resize import DONE, actual_memory, resize_state
@@ -209,7 +210,7 @@ def condition_events(previous: dict[str, Any], status: dict[str, Any]) -> list[t
                 old is not None and old.get("status") == c["status"] and old.get("reason") == c["reason"]):
             continue
         bad = c["reason"] in ("ProgressDeadlineExceeded", "InvalidSpec") or (
-            c["type"] == "Degraded" and c["status"] == "True") or (
+            c["type"] in ("Degraded", MEMORY_MODE_CONDITION) and c["status"] == "True") or (
             c["type"] == "Ready" and c["status"] == "False" and old is not None and old.get("status") == "True"
             and not expected_drop)
         if (old is None and not bad) or c["reason"] in posted:

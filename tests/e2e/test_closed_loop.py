@@ -29,6 +29,7 @@ pytestmark = pytest.mark.e2e
 # NOTE: every local cluster hands out the same pod IPs (127.0.<node+1>.x): a random port keeps these engines apart
 # from those of other test sessions on this machine.
 PORT = random.randint(20000, 29999)
+ADMIN_PORT = PORT + 20000  # the engines' admin port (--admin-port) on the same shared pod IPs
 LOOP = "loop"
 Mi = 2**20
 
@@ -38,7 +39,7 @@ def deployment(name: str, replicas: int, **spec: Any) -> dict[str, Any]:
         "apiVersion": "pie.io/v1alpha1", "kind": "PieDeployment", "metadata": {"name": name},
         "spec": {
             "replicas": replicas, "model": {"path": "/models/tiny"},
-            "engine": {"image": "pie-engine:v1", "port": PORT},
+            "engine": {"image": "pie-engine:v1", "port": PORT, "adminPort": ADMIN_PORT},
             # A small device budget (16 KV blocks per layer) so a few concurrent requests need KV in host memory:
             # adaptive expansion with its default thresholds grows under the load (a few MiB of host KV) and the
             # operator follows what the engine measures (pie_host_kv_used_bytes, the recommendations).

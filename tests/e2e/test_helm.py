@@ -7,6 +7,7 @@ the chart's RBAC is sufficient.
 
 Tests that only look share one release (`release`, never changed); tests that change one (upgrade, the operator
 reconciling in its namespace, uninstall) install their own (`own_release`), so any test passes alone or in any order.
+The `kubectl auth can-i` tables of both install modes are in test_helm_rbac.py.
 """
 
 from __future__ import annotations
@@ -16,92 +17,21 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
 
-from tests.cluster import build
 from tests.cluster.cluster import Cluster
-from tests.e2e.helpers import delete_namespace
+from tests.e2e.helm_release import CHART, Release, get, helm, installed, wait_for
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "pie-operator"
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 NAME = "tiny"  # examples/minimal.yaml
-T = TypeVar("T")
-
-
-@dataclass
-class Release:
-    name: str
-    namespace: str  # where the operator Deployment and its ServiceAccount live
-    watched: str  # the one namespace it reconciles (watchNamespaces): RBAC as a Role there
-    service_account: str
-    notes: str = ""  # what `helm install` printed (NOTES.txt)
-
-    @property
-    def user(self) -> str:
-        return f"system:serviceaccount:{self.namespace}:{self.service_account}"
-
-
-def wait_for(fn: Callable[[], T], what: str, timeout: float = 45.0, log: Path | None = None,
-             state: Callable[[], str] | None = None) -> T:
-    """Poll `fn` until truthy; on timeout fail with the last value, `state()` and the operator log."""
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.25)
-    tail = f"\nstate:\n{state()}" if state else ""
-    tail += f"\noperator log:\n{log.read_text(errors='replace')[-6000:]}" if log and log.exists() else ""
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}{tail}")
-
-
-def helm(k8s: Cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = [str(build.build(["helm"]) / "helm"), *args]
-    cp = subprocess.run(cmd, text=True, capture_output=True, env=k8s.env, timeout=120)
-    if check and cp.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({cp.returncode}):\n{cp.stdout}\n{cp.stderr}")
-    return cp
-
-
-def get(k8s: Cluster, ns: str, *what: str) -> dict[str, Any]:
-    return json.loads(k8s.kubectl("get", "-n", ns, *what, "-o", "json").stdout)
-
-
-def new_namespace(k8s: Cluster, name: str) -> None:
-    k8s.kubectl("create", "namespace", name)
-    # Pod admission needs the `default` ServiceAccount, which the controller-manager creates asynchronously.
-    wait_for(lambda: k8s.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
-             f"the default ServiceAccount in {name}")
-
-
-@contextmanager
-def installed(k8s: Cluster) -> Iterator[Release]:
-    """A fresh release in a namespace of its own, watching another; uninstalled and both namespaces deleted (their
-    pods gone first: GPUs are scarce) at the end."""
-    suffix = uuid.uuid4().hex[:6]
-    rel = Release(f"pie-{suffix}", f"pie-system-{suffix}", f"helm-{suffix}", f"pie-{suffix}-pie-operator")
-    for ns in (rel.namespace, rel.watched):
-        new_namespace(k8s, ns)
-    try:
-        rel.notes = helm(k8s, "install", rel.name, str(CHART), "-n", rel.namespace,
-                         "--set", f"watchNamespaces={{{rel.watched}}}").stdout
-        yield rel
-    finally:
-        helm(k8s, "uninstall", rel.name, "-n", rel.namespace, check=False)
-        for ns in (rel.watched, rel.namespace):
-            delete_namespace(k8s, ns)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +46,6 @@ def own_release(k8s: Cluster) -> Iterator[Release]:
     """A release for one test to change."""
     with installed(k8s) as rel:
         yield rel
-
 
 def test_install_creates_what_the_values_say(k8s: Cluster, release: Release) -> None:
     status = json.loads(helm(k8s, "status", release.name, "-n", release.namespace, "-o", "json").stdout)
@@ -149,34 +78,6 @@ def test_upgrade_changes_the_operator_args(k8s: Cluster, own_release: Release) -
     assert "--resync-seconds=10" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert dep["metadata"]["generation"] == 2
 
-
-CAN_I = [  # (verb, resource, namespace key, allowed)
-    ("create", "pods", "watched", True),
-    ("patch", "pods/resize", "watched", True),
-    ("create", "secrets", "watched", True),
-    ("patch", "piedeployments.pie.io/status", "watched", True),
-    ("list", "namespaces", None, True),
-    ("create", "pods", "namespace", False),  # only in the watched namespace
-    ("list", "secrets", "watched", False),  # get by name only: no bulk read of Secrets
-    ("update", "pods", "watched", False),
-    ("delete", "services", "watched", False),
-    ("update", "piedeployments.pie.io", "watched", False),
-    ("delete", "nodes", None, False),
-    ("get", "secrets", "kube-system", False),
-    ("create", "clusterroles.rbac.authorization.k8s.io", None, False),
-]
-
-
-@pytest.mark.parametrize(("verb", "resource", "where", "allowed"), CAN_I, ids=[f"{v}-{r}-{w}" for v, r, w, _ in CAN_I])
-def test_service_account_can_do_exactly_its_job(k8s: Cluster, release: Release, verb: str, resource: str,
-                                                where: str | None, allowed: bool) -> None:
-    ns = {"watched": release.watched, "namespace": release.namespace, None: None}.get(where, where)
-    resource, _, sub = resource.partition("/")
-    cp = k8s.kubectl("auth", "can-i", verb, resource, *([f"--subresource={sub}"] if sub else []),
-                     f"--as={release.user}", *(["-n", ns] if ns else []), check=False)
-    assert cp.stdout.strip() == ("yes" if allowed else "no"), (verb, resource, ns, cp.stdout, cp.stderr)
-
-
 def _token_kubeconfig(k8s: Cluster, release: Release, path: Path) -> Path:
     token = k8s.kubectl("create", "token", release.service_account, "-n", release.namespace,
                         "--duration=1h").stdout.strip()
@@ -198,7 +99,8 @@ def _free_port() -> int:
 def test_operator_as_the_service_account_reconciles(k8s: Cluster, own_release: Release, tmp_path: Path) -> None:
     release = own_release
     kubeconfig = _token_kubeconfig(k8s, release, tmp_path / "sa-kubeconfig")
-    denied = subprocess.run([str(k8s.bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig), "get", "nodes"],
+    denied = subprocess.run([str(k8s.bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig), "get", "secrets",
+                             "-n", "kube-system"],
                             capture_output=True, text=True, timeout=30)
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()  # really authenticated as the SA
     (c,) = get(k8s, release.namespace, "deployment", release.service_account)["spec"]["template"]["spec"]["containers"]
@@ -221,7 +123,8 @@ def test_operator_as_the_service_account_reconciles(k8s: Cluster, own_release: R
     try:
         k8s.kubectl("apply", "-n", ns, "-f", str(REPO / "examples" / "minimal.yaml"))
         wait_for(lambda: _converged(k8s, ns, 1), "tiny Ready with 1 pod", log=log, state=state)
-        for kind, name in (("service", NAME), ("configmap", f"{NAME}-engine"), ("poddisruptionbudget", NAME)):
+        for kind, name in (("service", NAME), ("configmap", f"{NAME}-engine"), ("poddisruptionbudget", NAME),
+                           ("networkpolicy", f"{NAME}-admin")):
             get(k8s, ns, kind, name)  # server-side applied under the Role
         (pod,) = _pods(k8s, ns)
         # pods/resize: a new memory floor is applied in place.

@@ -98,7 +98,10 @@ INVALID = [
      "spec.memory.expansion.latencyTarget in body should match"),
     ({"memory": {"expansion": {"latencyTarget": "0ms"}}}, "latencyTarget: Invalid value: \"0ms\""),
     ({"engine": {"image": "x", "args": ["--expansion-latency-target", "0.05"]}},
-     "--expansion-latency-target, --host-memory-limit or --admin-token-file"),
+     "--expansion-latency-target, --host-memory-limit, --admin-token-file or --admin-port"),
+    ({"engine": {"image": "x", "args": ["--admin-port=9001"]}}, "--admin-token-file or --admin-port"),
+    ({"engine": {"image": "x", "port": 9000, "adminPort": 9000}}, "engine.adminPort must differ from engine.port"),
+    ({"engine": {"image": "x", "adminPort": 8000}}, "engine.adminPort must differ from engine.port"),
     ({"rollout": {"maxSurge": 0, "maxUnavailable": 0}}, "must not both be 0"),
     ({"engine": {"image": "x", "args": ["--port=9000"]}}, "engine.args must not set --model, --host, --port"),
     ({"engine": {"image": "x", "resources": {"requests": {"memory": "1Gi"}}}},
@@ -168,7 +171,10 @@ def test_apply_minimal_creates_ready_engine_pods(k8s: Cluster, ns: str, operator
                        ("poddisruptionbudget", NAME), ("secret", f"{NAME}-admin-token")):
         (ref,) = get(k8s, ns, kind, name)["metadata"]["ownerReferences"]
         assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == ("PieDeployment", NAME, uid, True), kind
-    assert get(k8s, ns, "service", NAME)["spec"]["ports"][0]["port"] == 8000
+    (svc_port,) = get(k8s, ns, "service", NAME)["spec"]["ports"]  # the admin port is never exposed
+    assert (svc_port["port"], svc_port["targetPort"]) == (8000, "http")
+    assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [("http", PORT), ("admin", 8001)]
+    assert args[args.index("--admin-port") + 1] == "8001"
     conds = {c["type"]: c["status"] for c in pied["status"]["conditions"]}
     assert {k: conds[k] for k in ("Ready", "Progressing", "Degraded")} == {
         "Ready": "True", "Progressing": "False", "Degraded": "False"}

@@ -79,4 +79,12 @@ app.kubernetes.io/managed-by: pie-operator
 {{- fail (printf "watchNamespaces: %q is not a valid namespace name" .) }}
 {{- end }}
 {{- end }}
+{{- range .Values.hostPathAllowlist }}
+{{- if or (not (hasPrefix "/" .)) (regexMatch "(^|/)\\.\\.?(/|$)|//" .) }}
+{{- fail (printf "hostPathAllowlist: %q is not an absolute, normalized directory path like /models" .) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.gh200.memoryModeLabel .Values.watchNamespaces .Values.rbac.create (not .Values.rbac.discovery) }}
+{{- fail "gh200.memoryModeLabel needs `list nodes` (cluster-scoped), which comes with rbac.discovery=true: set it, or gh200.memoryModeLabel=\"\" to skip the GPU memory mode check" }}
+{{- end }}
 {{- end }}

@@ -29,13 +29,26 @@ that adding a verb is a deliberate change in both. Each rule names the code that
   resources: [pods/resize]
   verbs: [patch]
 # k8s.py apply (server-side apply = patch, and create when the object is new) and get of the owned singletons:
-# Service X, ConfigMap X-engine, the engine admin-token Secret, PodDisruptionBudget X.
+# Service X, ConfigMap X-engine, PodDisruptionBudget X.
 - apiGroups: [""]
-  resources: [services, configmaps, secrets]
+  resources: [services, configmaps]
   verbs: [get, create, patch]
+# k8s.py ensure_admin_token: the engines' admin token, Secret X-admin-token, read by name and created once. Never
+# patch/update (a Secret it finds without a token is reported, not changed), never list/watch (no bulk read).
+# NOTE: resourceNames cannot narrow this further: the names depend on each PieDeployment's name (RBAC matches exact
+# names, no prefixes), and a create request has no name RBAC could check at all.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, create, patch]
+{{- if .Values.engineAdmin.networkPolicy }}
+# k8s.py apply/get of NetworkPolicy X-admin (engineAdmin.networkPolicy): only the operator reaches the admin port.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, patch]
+{{- end }}
 # k8s.py post_event and kopf's warning/error events: core/v1 Events only (events.k8s.io is not used).
 - apiGroups: [""]
   resources: [events]
@@ -47,6 +60,15 @@ that adding a verb is a deliberate change in both. Each rule names the code that
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]
+{{- end }}
+
+{{/* gh200.memoryModeLabel: k8s.py list_nodes reads the GPU memory mode label of the nodes engines run on. */}}
+{{- define "pie-operator.rules.nodes" -}}
+{{- if .Values.gh200.memoryModeLabel }}
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [list]
+{{- end }}
 {{- end }}
 
 {{/* Only when watching named namespaces: kopf lists+watches Namespaces to notice them (dis)appearing. */}}

@@ -15,7 +15,7 @@ from pie_engine.server.async_engine import AsyncEngine
 from pie_engine.server.errors import add_error_handlers, error_response
 from pie_engine.server.metrics import ServerMetrics
 from pie_engine.server.openapi import customize_openapi, error_responses, generation_responses
-from pie_engine.server.pie_routes import add_pie_routes
+from pie_engine.server.pie_routes import AdminPortGuard, add_pie_routes
 from pie_engine.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def create_app(engine: LLMEngine, *, max_waiting_requests: int | None = None, admin_token: str | None = None,
-               drain_timeout_s: float = 30.0) -> FastAPI:
-    """Build the server around an already loaded engine. The engine thread starts with the app's lifespan."""
+               drain_timeout_s: float = 30.0, admin_port: int | None = None) -> FastAPI:
+    """Build the server around an already loaded engine. The engine thread starts with the app's lifespan.
+    `admin_port`: the admin endpoint answers only on that port (the server must listen on it too)."""
     config = engine.config
     model_name = config.model_name
     async_engine = AsyncEngine(engine, max_waiting_requests or config.max_waiting_requests)
@@ -57,6 +58,8 @@ def create_app(engine: LLMEngine, *, max_waiting_requests: int | None = None, ad
     app.state.async_engine = async_engine
     app.state.metrics = metrics
     add_error_handlers(app)
+    if admin_port is not None:
+        app.add_middleware(AdminPortGuard, admin_port=admin_port)
 
     @app.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionResponse))
     async def create_completion(req: CompletionRequest, raw: Request) -> Response:

@@ -11,16 +11,21 @@ only a restart applies it (both keep the 409 status older operators know); 400 b
 is not JSON at all); 401 missing or wrong token; 403 when the engine was started without an admin token (admin
 disabled). The operator retries ``busy`` later, treats 401/403/404 like ``needs_restart`` (it replaces the pod) and
 retries anything else later.
+
+With ``serve --admin-port`` the admin endpoint answers only on that port (`AdminPortGuard`): the public port, the
+one a Service or LoadBalancer exposes, answers 404 for it, and the admin port serves nothing else.
 """
 
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pie_engine.core.engine import LLMEngine
 from pie_engine.pie.runtime import BudgetBusyError, BudgetError, NeedsRestartError
@@ -30,6 +35,7 @@ from pie_engine.server.protocol import INT64_MAX
 from pie_engine.server.serving import ApiError
 
 ADMIN_PATH = "/v1/pie/admin/gpu-memory-budget"
+ADMIN_PREFIX = "/v1/pie/admin/"
 # Documents the bearer scheme in the OpenAPI schema; the check itself is _authorize (403 when admin is disabled,
 # and a constant-time comparison), so missing credentials are not rejected here.
 _bearer = HTTPBearer(auto_error=False, description="the admin token (--admin-token-file or PIE_ADMIN_TOKEN)")
@@ -88,3 +94,21 @@ def add_pie_routes(app: FastAPI, engine: LLMEngine, async_engine: AsyncEngine, a
         except EngineUnavailableError as e:
             raise ApiError(503, str(e), "service_unavailable") from None
         return JSONResponse(result)
+
+
+class AdminPortGuard:
+    """ASGI middleware for a server listening on two ports: admin paths only on `admin_port`, everything else only
+    on the others. Both answer a plain 404, the same as an unknown route, so neither port reveals the other."""
+
+    def __init__(self, app: ASGIApp, admin_port: int) -> None:
+        self.app, self.admin_port = app, admin_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            server: Any = scope.get("server") or (None, None)
+            on_admin_port = server[1] == self.admin_port
+            if on_admin_port != (scope.get("path") or "").startswith(ADMIN_PREFIX):
+                # NOTE: the body of FastAPI's own 404 for an unknown route, so the answers are indistinguishable.
+                await JSONResponse({"detail": "Not Found"}, status_code=404)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -15,7 +15,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from pie_operator.k8s import Kube
+from pie_operator.k8s import Kube, admin_token_missing
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 Obj = dict[str, Any]
@@ -52,6 +52,7 @@ class FakeKube(Kube):
         self.writes: list[tuple[str, str]] = []
         self.fail: dict[str, ApiException] = {}
         self.resize = resize
+        self.nodes: dict[str, dict[str, str]] = {}  # node name -> labels
         self.now = T0  # creationTimestamp of what is created
         self._ids = itertools.count(1)
 
@@ -114,6 +115,22 @@ class FakeKube(Kube):
         self._call("supports_resize")
         return self.resize
 
+    def list_nodes(self, selector: str) -> list[Obj]:
+        """`key`, `key=v` and `key!=v` terms, like the apiserver's label selectors."""
+        self._call("list_nodes")
+
+        def match(labels: dict[str, str], term: str) -> bool:
+            if "!=" in term:
+                k, v = term.split("!=", 1)
+                return labels.get(k) != v
+            if "=" in term:
+                k, v = term.split("=", 1)
+                return labels.get(k) == v
+            return term in labels
+
+        return [{"metadata": {"name": n, "labels": dict(labels)}} for n, labels in sorted(self.nodes.items())
+                if all(match(labels, t) for t in selector.split(","))]
+
     # --- Kube: writes ----------------------------------------------------------------------------------------
     def patch_status(self, namespace: str, name: str, status: Obj) -> None:
         self._call("patch_status")
@@ -166,7 +183,10 @@ class FakeKube(Kube):
             data = {k: base64.b64encode(b"fake-token").decode() for k in secret["stringData"]}
             self.objects[key] = {**{k: v for k, v in secret.items() if k != "stringData"},
                                  "metadata": self._meta(secret["metadata"]), "data": data}
-        return base64.b64decode(next(iter(self.objects[key]["data"].values()))).decode()
+        token_key = next(iter(secret["stringData"]))
+        if not (self.objects[key].get("data") or {}).get(token_key):  # never overwritten (like k8s.ApiKube)
+            raise admin_token_missing(key[1], key[2], token_key)
+        return base64.b64decode(self.objects[key]["data"][token_key]).decode()
 
     def apply(self, obj: Obj) -> Obj:
         self._call("apply")

@@ -177,10 +177,12 @@ class Engines:
     def __init__(self, result: AdminResult) -> None:
         self.result = result
         self.calls: list[tuple[str, int]] = []
+        self.ports: set[int] = set()
 
     def __call__(self, ip: str, port: int, token: str, budget: int) -> AdminResult:
         assert token == "fake-token"
         self.calls.append((ip, budget))
+        self.ports.add(port)
         return self.result
 
 
@@ -193,6 +195,7 @@ def gpu_change(result: AdminResult) -> tuple[FakeKube, Engines, Outcome]:
     engines = Engines(result)
     out = reconcile(kube, NS, NAME, set_budget=engines, **later())
     assert out is not None and len(engines.calls) == 2 and {b for _, b in engines.calls} == {8 * 2**30}
+    assert engines.ports == {8001}  # the admin port (engine.adminPort's default), never the public one
     return kube, engines, out
 
 

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from pie_operator.memory import decide, headroom_bytes, pod_memory
 from pie_operator.spec import (
+    ADMIN_PORT_MESSAGE,
     LATENCY_TARGET_MODE_MESSAGE,
     PieDeploymentSpec,
     RolloutSpec,
@@ -61,6 +62,7 @@ def get(obj: Any, path: str) -> Any:
     ("rollout.autoRollback", False),
     ("service.port", 8000),
     ("service.type", "ClusterIP"),
+    ("engine.adminPort", 8001),
 ])
 def test_defaults(path: str, expected: Any) -> None:
     dumped = PieDeploymentSpec.model_validate(MINIMAL).model_dump(by_alias=True, exclude_none=True)
@@ -93,6 +95,10 @@ def test_defaults(path: str, expected: Any) -> None:
     ({"rollout.maxSurge": 0, "rollout.maxUnavailable": "0%"}, "must not both be 0"),
     ({"rollout.maxSurge": "many"}, "percentage"),
     ({"engine.args": ["--port=9000"]}, "must not set --port"),
+    ({"engine.args": ["--admin-port=9001"]}, "must not set --admin-port"),
+    ({"engine.adminPort": 8000}, ADMIN_PORT_MESSAGE),
+    ({"engine.port": 9000, "engine.adminPort": 9000}, ADMIN_PORT_MESSAGE),
+    ({"engine.adminPort": 0}, "greater than or equal to 1"),
     ({"engine.args": ["--max-num-seqs", "8", "--model", "/x"]}, "must not set --model"),
     ({"engine.resources": {"requests": {"memory": "1Gi"}}}, "must not set memory"),
     ({"engine.resources": {"limits": {"nvidia.com/gpu": 2}}}, "must not set nvidia.com/gpu"),

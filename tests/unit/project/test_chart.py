@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not HELM.exists(), reason=f"no helm at {HELM}: r
 # (apiGroup, resource, verbs). Seen in the operator's code: k8s.py (get/list PieDeployments, patch /status, list/
 # create/delete pods, patch pods/resize, server-side apply of Service/ConfigMap/PDB, create core Events), kopf
 # (list/watch of PieDeployments and owned pods, /status patches, CRD watch), the blockOwnerDeletion ownerReferences
-# (finalizers update), and the admin-token Secret (get/create/patch).
+# (finalizers update), and the admin-token Secret (get/create: never patch, never list).
 NAMESPACED = {
     ("pie.io", "piedeployments", ("get", "list", "watch", "patch")),
     ("pie.io", "piedeployments/status", ("patch",)),
@@ -38,10 +38,12 @@ NAMESPACED = {
     ("", "pods/resize", ("patch",)),
     ("", "services", ("get", "create", "patch")),
     ("", "configmaps", ("get", "create", "patch")),
-    ("", "secrets", ("get", "create", "patch")),
+    ("", "secrets", ("get", "create")),
     ("policy", "poddisruptionbudgets", ("get", "create", "patch")),
     ("", "events", ("create",)),
+    ("networking.k8s.io", "networkpolicies", ("get", "create", "patch")),  # the engines' admin NetworkPolicy
 }
+NODES = {("", "nodes", ("list",))}  # the GPU memory mode label (gh200.memoryModeLabel), read-only
 CRDS = {("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch"))}
 NAMESPACES = {("", "namespaces", ("list", "watch"))}  # only when watching named namespaces (kopf lists them)
 PEERING_CLUSTER = {("kopf.dev", "clusterkopfpeerings", ("get", "list", "watch", "patch"))}
@@ -105,7 +107,9 @@ def test_defaults_render_a_hardened_standalone_operator() -> None:
     c = container(docs)
     assert c["image"] == "ghcr.io/pie-project/pie-operator:0.1.0"
     assert c["args"] == ["run", "--all-namespaces", "--resync-seconds=30", "--standalone",
-                         "--liveness=http://0.0.0.0:8080/healthz"]
+                         "--liveness=http://0.0.0.0:8080/healthz", "--admin-peer-namespace=pie-system",
+                         "--admin-peer-labels=app.kubernetes.io/name=pie-operator,app.kubernetes.io/instance=pie",
+                         "--memory-mode-label=pie.io/gpu-memory-mode"]
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]} and sc["runAsNonRoot"] is True
@@ -120,7 +124,7 @@ def test_defaults_render_a_hardened_standalone_operator() -> None:
 
 def test_cluster_rbac_is_exactly_the_expected_list() -> None:
     (role,) = by_kind(render(), "ClusterRole")
-    assert rules(role) == NAMESPACED | CRDS
+    assert rules(role) == NAMESPACED | CRDS | NODES
 
 
 def test_namespaced_rbac_is_a_role_per_namespace_plus_read_only_discovery() -> None:
@@ -130,17 +134,18 @@ def test_namespaced_rbac_is_a_role_per_namespace_plus_read_only_discovery() -> N
     for role in roles:
         assert rules(role) == NAMESPACED
     (disc,) = by_kind(docs, "ClusterRole")
-    assert disc["metadata"]["name"] == "pie-pie-operator-discovery" and rules(disc) == CRDS | NAMESPACES
+    assert disc["metadata"]["name"] == "pie-pie-operator-discovery" and rules(disc) == CRDS | NAMESPACES | NODES
     assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == ["batch", "llm"]
     assert container(docs)["args"][:3] == ["run", "--namespace=llm", "--namespace=batch"]
-    no_cluster = render("--set", "watchNamespaces={llm}", "--set", "rbac.discovery=false")
+    no_cluster = render("--set", "watchNamespaces={llm}", "--set", "rbac.discovery=false",
+                        "--set", "gh200.memoryModeLabel=")
     assert not by_kind(no_cluster, "ClusterRole") and not by_kind(no_cluster, "ClusterRoleBinding")
 
 
 def test_peering_adds_only_the_peering_rules_and_objects() -> None:
     docs = render("--set", "peering.enabled=true", "--set", "replicas=2", *PEERING_API)
     (role,) = by_kind(docs, "ClusterRole")
-    assert rules(role) == NAMESPACED | CRDS | PEERING_CLUSTER
+    assert rules(role) == NAMESPACED | CRDS | NODES | PEERING_CLUSTER
     (peering,) = by_kind(docs, "ClusterKopfPeering")
     assert peering["metadata"]["name"] == "default"
     (dep,) = by_kind(docs, "Deployment")
@@ -192,7 +197,7 @@ def test_network_policy_limits_the_operator_to_apiserver_dns_and_engine_ports() 
     (peer,) = engines["to"]
     assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "pie-engine"
     assert peer["namespaceSelector"]["matchExpressions"][0]["values"] == ["llm"]
-    assert engines["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert engines["ports"] == [{"port": "http", "protocol": "TCP"}, {"port": "admin", "protocol": "TCP"}]
     assert {p["port"] for p in dns["ports"]} == {53}
 
 
@@ -201,7 +206,11 @@ def test_network_policy_limits_the_operator_to_apiserver_dns_and_engine_ports() 
     (["--set", "peering.enabled=true"], "needs kopf's peering CRDs"),
     (["--set", "watchNamespaces={Bad_Name}"], "is not a valid namespace name"),
     (["--set", "serviceAccount.create=false"], "serviceAccount.name is required"),
-], ids=["replicas-without-peering", "peering-without-crds", "bad-namespace", "no-sa-name"])
+    (["--set", "hostPathAllowlist={models}"], "hostPathAllowlist: \"models\" is not an absolute, normalized"),
+    (["--set", "hostPathAllowlist={/models/../etc}"], "is not an absolute, normalized"),
+    (["--set", "watchNamespaces={llm}", "--set", "rbac.discovery=false"], "gh200.memoryModeLabel needs"),
+], ids=["replicas-without-peering", "peering-without-crds", "bad-namespace", "no-sa-name", "relative-host-path",
+        "climbing-host-path", "memory-mode-without-cluster-rbac"])
 def test_bad_values_fail_with_a_clear_message(values: list[str], message: str) -> None:
     cp = helm("template", "pie", str(CHART), "--kube-version", KUBE_VERSION, *values, check=False)
     assert cp.returncode != 0 and message in cp.stderr, cp.stderr
@@ -219,3 +228,17 @@ def test_packaged_chart_carries_the_repo_crds_byte_for_byte(tmp_path: Path) -> N
     assert packaged == repo and "piedeployments.pie.io.yaml" in repo
     crds = [d for d in render("--include-crds") if d["kind"] == "CustomResourceDefinition"]
     assert [d["metadata"]["name"] for d in crds] == ["piedeployments.pie.io"]
+
+
+def test_host_path_allowlist_is_empty_by_default_and_passed_as_flags() -> None:
+    assert not [a for a in container(render())["args"] if a.startswith("--host-path-allow")]
+    args = container(render("--set", "hostPathAllowlist={/models,/data/llm}"))["args"]
+    assert [a for a in args if a.startswith("--host-path-allow")] == ["--host-path-allow=/models",
+                                                                       "--host-path-allow=/data/llm"]
+
+
+def test_optional_engine_policies_drop_their_flags_and_rbac() -> None:
+    docs = render("--set", "engineAdmin.networkPolicy=false", "--set", "gh200.memoryModeLabel=")
+    (role,) = by_kind(docs, "ClusterRole")
+    assert rules(role) == NAMESPACED - {("networking.k8s.io", "networkpolicies", ("get", "create", "patch"))} | CRDS
+    assert not [a for a in container(docs)["args"] if a.startswith(("--admin-peer", "--memory-mode"))]
