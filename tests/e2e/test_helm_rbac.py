@@ -31,6 +31,7 @@ def cluster_release(k8s: Cluster) -> Iterator[Release]:
 CAN_I = [  # (verb, resource, namespace key, allowed)
     ("create", "pods", "watched", True),
     ("patch", "pods/resize", "watched", True),
+    ("patch", "pods", "watched", True),  # the serving label
     ("create", "secrets", "watched", True),
     ("patch", "piedeployments.pie.io/status", "watched", True),
     ("list", "namespaces", None, True),
@@ -64,8 +65,8 @@ CAN_I_ALL_NAMESPACES = [
     ("list", "secrets", "watched", False),
     ("watch", "secrets", "kube-system", False),
     ("delete", "secrets", "watched", False),
+    ("patch", "pods", "watched", True),  # the serving label (traffic follows the rollout gate)
     ("update", "pods", "watched", False),
-    ("patch", "pods", "watched", False),
     ("list", "namespaces", None, False),  # kopf lists Namespaces only when watching named ones
     ("delete", "nodes", None, False),
     ("create", "clusterroles.rbac.authorization.k8s.io", None, False),
