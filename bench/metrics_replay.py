@@ -4,7 +4,8 @@ kwok runs no containers, and 1,000 real engines do not fit on a small machine, s
 labelled `pie.io/deployment` every `--poll` seconds and listens on each pod's loopback IP and engine port (pod IPs
 are 127.0.<node+1>.x in the test cluster). Every pod answers GET /health with 200 and GET /metrics with the same
 recorded output of a real `pie-engine serve` (bench/data/engine_metrics.txt: a tiny model on CPU after one
-completion). Nothing else is served (the admin endpoint answers 404, which the operator treats as "needs a
+completion), and POST /v1/completions (the rollout gate's probe request) with a recorded one-token answer. Nothing
+else is served (the admin endpoint answers 404, which the operator treats as "needs a
 restart"; the benchmark does not change GPU budgets).
 
     python -m bench.metrics_replay --kubeconfig KC --port 8000 [--metrics bench/data/engine_metrics.txt]
@@ -16,11 +17,15 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import kubernetes
 
 DEFAULT_METRICS = Path(__file__).with_name("data") / "engine_metrics.txt"
+# A one-token completion as pie-engine answers the operator's gate probe (max_tokens 1), fields trimmed.
+PROBE_ANSWER = (b'{"id":"cmpl-replay","object":"text_completion","model":"replay","choices":[{"index":0,"text":" a",'
+                b'"finish_reason":"length"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}')
 USER_AGENT = "pie-bench-replay"  # (the benchmark tells the operator's API requests from this one's by it)
 
 
@@ -43,11 +48,16 @@ class Replay:
             while True:  # keep-alive: the operator's client reuses connections
                 head = await reader.readuntil(b"\r\n\r\n")
                 path = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                if length:  # a request body (the gate's probe completion): read it, keep-alive goes on after it
+                    await reader.readexactly(int(length.group(1)))
                 self.requests += 1
                 if path == b"/health":
                     writer.write(response(200, b'{"status":"ok"}'))
                 elif path == b"/metrics":
                     writer.write(response(200, self.metrics))
+                elif path == b"/v1/completions":  # the rollout gate's probe request: a recorded one-token answer
+                    writer.write(response(200, PROBE_ANSWER))
                 else:
                     writer.write(response(404, b'{"error":{"message":"not served by the replay"}}'))
                 await writer.drain()
