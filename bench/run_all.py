@@ -1,6 +1,7 @@
 """Run every benchmark (offline throughput, online serving, Pie: swap sweep, adaptive, link model, served
-expansion) and write bench/results/summary.json. The Pie benchmarks run last: they pin torch to one compute thread
-(bench/pie_common.py). Served expansion takes the longest (a fresh server per run, two models): about two hours here.
+expansion, the paired cost of adaptive where the KV fits) and write bench/results/summary.json. The Pie benchmarks
+run last: they pin torch to one compute thread (bench/pie_common.py).
+Served expansion takes the longest (a fresh server per run, two models): about two hours here.
 
     PYTHONPATH=engine:. python bench/run_all.py [--quick]
 """
@@ -11,7 +12,15 @@ import argparse
 import json
 from pathlib import Path
 
-from bench import adaptive, link_model, offline_throughput, online_serving, served_expansion, swap_sweep
+from bench import (
+    adaptive,
+    expansion_overhead,
+    link_model,
+    offline_throughput,
+    online_serving,
+    served_expansion,
+    swap_sweep,
+)
 from bench.common import RESULTS, save
 
 
@@ -62,6 +71,12 @@ def summarize(results: Path, suffix: str = "") -> dict[str, object]:
         summary["pie_served_expansion_wall"] = {
             m: {**{wl: w["ratios"] for wl, w in e["workloads"].items()},
                 "goals": {g: v["pass"] for g, v in e["goals"].items()}} for m, e in served["models"].items()}
+    overhead_path = results / f"expansion_overhead{suffix}.json"
+    if overhead_path.is_file():
+        paired = json.loads(overhead_path.read_text())
+        summary["pie_adaptive_cost_where_kv_fits_paired"] = {
+            m: {"wall_vs_off": e["median_wall_vs_off"], "thread_cpu_vs_off": e["median_thread_cpu_vs_off"]}
+            for m, e in paired["models"].items()}
     # The operator at scale: a separate run (it needs the local control plane: `python -m bench.operator_scale`).
     scale_path = results / "operator_scale.json"
     if scale_path.is_file():
@@ -95,6 +110,7 @@ def main() -> None:
         save("adaptive" + suffix, adaptive.run(quick=args.quick))  # reads the sweep just saved
         save("link_model" + suffix, link_model.run(quick=args.quick))
         served_expansion.run(quick=args.quick)  # saves its own JSON + PNG
+        expansion_overhead.run(quick=args.quick)  # likewise
     print(json.dumps(summarize(RESULTS, suffix), indent=2))
     print(f"results in {RESULTS}")
 

@@ -1,9 +1,10 @@
 """Adaptive expansion: how many layers' KV to keep on host (m), decided between iterations (pure, no torch).
 
 The objective is the speed users see (probe.py: output tokens per second per request in the system, measured at
-each m). Under demand for KV, m grows (at once to the m that holds the KV wanted, or, where the speed is measured, as
-a probe of at most twice the capacity), and a probe is judged against the m it came from: undone only if that m
-was faster by more than epsilon with confidence and going back pays for the recomputation it causes. Guards, each
+each m). Under demand for KV, m grows (one layer until copies were seen to hide, then at once to the m that holds
+the KV wanted, or, where the speed is measured, as a probe of at most twice the capacity), and a probe is judged
+against the m it came from: undone only if that m was faster by more than epsilon with confidence and going back
+pays for the recomputation it causes. Guards, each
 confirmed on the evidence (evidence.py): stalls above epsilon always shrink (transparency); an explicit latency
 target bounds the iteration time; otherwise a per-iteration overhead above epsilon is shed, unless it buys KV
 capacity the load needs and no smaller m was measurably faster. Hysteresis: grow only below ``grow_overhead``, a
@@ -63,6 +64,8 @@ class ExpansionController:
         self.recompute_tokens: Callable[[int], int] = recompute_tokens or (lambda m: 0)
         self._probe: Probe | None = None
         self._grown: tuple[int, int, int] | None = None  # the last grow (origin, iteration, stalled iterations since)
+        self.copies_hid = False  # an iteration at some m > 0 after a grow did not stall: the link can keep up
+        self._link_check: tuple[int, int, str] | None = None  # a jump waiting on the link check (origin, target, why)
         self._hold_reason = "hold"  # what last_decision says when an update changes nothing
         self.last_decision = "start"
         self.m = self._target_static() if mode == "static" else 0
@@ -93,7 +96,9 @@ class ExpansionController:
         cfg = self.config
         self._iteration += 1
         cap = self.geometry.capacity_blocks(self.m)
-        demand = s.num_waiting > 0 or s.num_preempted > 0 or s.blocks_in_use >= cfg.usage_high * cap
+        # NOTE: a waiting request is demand only through the KV it wants: requests queued behind max_num_seqs, or
+        # ones the next step admits into free blocks, are not (expanding for them only adds swapping's cost).
+        demand = s.num_preempted > 0 or s.wanted >= cfg.usage_high * cap
         self.peak.add(self._iteration, s.wanted)
         self._idle.append((s.wanted, demand))
         if self.mode != "adaptive":
@@ -124,7 +129,7 @@ class ExpansionController:
         if (baseline_ready and self._latency_allows_growth(window) and self.stall_fraction < cfg.grow_stall_fraction
                 and demand_share >= cfg.demand_fraction and self.m + 1 <= self.max_layers_on_host
                 and self.m + 1 < ceiling and self._probe is None):
-            return self._change(self._grow_target(window, ceiling), f"demand with overhead {self.overhead:.3f}")
+            return self._grow(self._grow_target(window, ceiling), f"demand with overhead {self.overhead:.3f}")
         if cfg.idle_shrink and self.m > 0 and len(self._idle) == cfg.idle_window and not any(
                 d for _, d in self._idle):
             smaller = self.geometry.capacity_blocks(self.m - 1)
@@ -173,6 +178,10 @@ class ExpansionController:
         limit = 2 * cfg.clear_factor * cfg.epsilon
         if s.stall_seconds <= limit * max(s.iteration_seconds - s.stall_seconds, 1e-12):
             self._grown = None  # it hides (at least once): the window's guards judge it from here
+            self.copies_hid = True
+            if (check := self._link_check) is not None:  # the link keeps up: on to the jump it stood in for
+                origin, target, why = check
+                return self._change(target, f"{why} (copies hid at m = {self.m})", probe_origin=origin)
             return None
         stalled += 1
         self._grown = (origin, started, stalled)
@@ -182,6 +191,19 @@ class ExpansionController:
         fraction = s.stall_seconds / s.iteration_seconds
         return self._back_off(f"grow stalls: {fraction:.2f} of iteration {stalled} at m = {self.m}",
                               Probe(origin, self.m, started), whole=True)
+
+    def _grow(self, target: int, reason: str) -> int:
+        """Grow to ``target``; a jump of more than one layer before copies were ever seen to hide goes one layer
+        first, and on to ``target`` at its first iteration that does not stall (``_grow_stalls``).
+        NOTE: where the link cannot keep up, m + 1 costs one layer's copies for the few iterations _grow_stalls
+        takes to undo it; the jump costs all of its layers', and undoing it preempts everything admitted meanwhile
+        (tiny model, PCIe-like throttle: a jump to m = 4 and back served 0.83x the tokens of --expansion off)."""
+        if target <= self.m + 1 or self.copies_hid:
+            return self._change(target, reason)
+        origin = self.m
+        m = self._change(self.m + 1, f"{reason}; m = {target} once copies hide here")
+        self._link_check = (origin, target, reason)
+        return m
 
     def _capacity_need(self) -> str | None:
         """Why an overhead above epsilon is not shed by itself: the KV wanted over the window does not fit at
@@ -286,14 +308,17 @@ class ExpansionController:
             self._probe = self._grown = None  # needed, not tried: neither a verdict nor a stall may undo it
         return self.m
 
-    def _change(self, m: int, reason: str) -> int:
+    def _change(self, m: int, reason: str, probe_origin: int | None = None) -> int:
+        """Move to ``m``. A grow is a probe judged against ``probe_origin`` (default: the current m)."""
         if m > self.m:
             self.num_grows += 1
         else:
             self.num_shrinks += 1
+        self._link_check = None
         # A grow is a probe when the speed it left is measured (nothing to compare with otherwise).
-        measured = m > self.m and self.speeds.estimate(self.m, self._iteration, self.evidence.conditions()) is not None
-        self._probe = Probe(self.m, m, self._iteration) if measured else None
+        origin = self.m if probe_origin is None else probe_origin
+        measured = m > self.m and self.speeds.estimate(origin, self._iteration, self.evidence.conditions()) is not None
+        self._probe = Probe(origin, m, self._iteration) if measured else None
         self._grown = (self.m, self._iteration, 0) if m > self.m else None
         self._previous_m, self.m = self.m, m
         self.last_decision = f"m -> {m}: {reason}"
@@ -320,7 +345,7 @@ class ExpansionController:
         previous = self._previous_m if self.m == m else self.m
         if m > previous:
             self.max_layers_on_host = min(self.max_layers_on_host, m - 1)
-        self.m, self._probe, self._grown = previous, None, None
+        self.m, self._probe, self._grown, self._link_check = previous, None, None, None
         self.last_decision = f"m = {m} rejected by the engine"
         return self.m
 

@@ -16,10 +16,10 @@ class IterationSample:
     stall_seconds: float  # compute waiting for swap-ins (LayerSwapKVCache.last_step_stall_seconds)
     num_tokens: int  # tokens computed in the step
     context_tokens: int = 0  # KV tokens the step's attention read (sum of context lengths); 0 if unknown
-    num_waiting: int = 0  # requests waiting for admission
     num_preempted: int = 0  # preemptions this step
     blocks_in_use: int = 0  # per layer: max used block id + 1 (in use or prefix-cached)
-    blocks_wanted: int | None = None  # blocks_in_use plus what the waiting queue needs; None: blocks_in_use
+    # blocks_in_use plus what the waiting requests the batch has room for need; None: blocks_in_use
+    blocks_wanted: int | None = None
     excess_seconds: float | None = None  # swapping's cost measured inside the step (pipeline.py); None: unknown
     num_output_tokens: int = 0  # tokens sampled in the step (one per sequence that reached its end); 0: unknown
     num_requests: int = 0  # requests in the system after the step (running + waiting): the speed's denominator
@@ -54,7 +54,7 @@ class ControllerConfig:
     # A grow goes at once to the smallest m whose capacity holds this times the KV wanted in the window (when that
     # is beyond the current capacity), not one layer per window: the controller settles during warm-up.
     grow_headroom: float = 1.2
-    usage_high: float = 0.9  # blocks_in_use >= this * C counts as demand
+    usage_high: float = 0.9  # KV wanted (in use + admissible waiting requests) >= this * C counts as demand
     ceiling_ttl: int = 500  # iterations an m that caused overhead stays forbidden
     idle_shrink: bool = True  # give layers back when the KV would fit comfortably with one fewer on host
     idle_fraction: float = 0.5

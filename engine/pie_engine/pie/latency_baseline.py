@@ -19,19 +19,31 @@ held-out prediction there), with the larger of its overall error and that bucket
 
 from __future__ import annotations
 
-import numpy as np
-
 # Feature scales keep the normal equations well conditioned (iteration seconds vs token counts).
 _TOKEN_SCALE = 1e3
 _CONTEXT_SCALE = 1e5
+# Once warm, the fit is refreshed every this many samples, not after each: the model learns from every step at
+# m = 0 on the engine thread, where solving after every one was most of what the controller cost per step. A fit a
+# few samples old (of ~100 that weigh, at decay 0.99) predicts the same; held-out predictions stay held out.
+_REFIT_EVERY = 4
+
+
+def _det3(a: list[list[float]]) -> float:
+    return (a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]))
 
 
 def _solve3(a: list[list[float]], b: list[float]) -> list[float] | None:
-    """Solve the 3x3 normal equations (numpy's LAPACK solve); None if singular."""
-    try:
-        return [float(v) for v in np.linalg.solve(np.asarray(a), np.asarray(b))]
-    except np.linalg.LinAlgError:
+    """Solve the 3x3 normal equations by Cramer's rule; None if singular.
+
+    NOTE: not numpy: this runs on the engine thread after every step at m = 0, where numpy's per-call overhead
+    (about 0.2 ms there, caches cold after the forward pass) was most of what adaptive expansion cost over
+    ``--expansion off`` when the KV fits. The ridge keeps the system positive definite, so Cramer is stable."""
+    det = _det3(a)
+    scale = max(abs(v) for row in a for v in row)
+    if not det or abs(det) <= 1e-15 * scale ** 3:
         return None
+    return [_det3([[b[i] if j == k else a[i][j] for j in range(3)] for i in range(3)]) / det for k in range(3)]
 
 
 def load_bucket(num_tokens: int, context_tokens: int) -> tuple[int, int]:
@@ -70,6 +82,7 @@ class LatencyBaseline:
         self._xtx = [[0.0] * 3 for _ in range(3)]
         self._xty = [0.0] * 3
         self._coef: list[float] | None = None
+        self._fitted_at = 0  # num_samples when _coef was solved
         self.num_samples = 0
         self._tok_range = (float("inf"), 0.0)
         self._ctx_range = (float("inf"), 0.0)
@@ -95,7 +108,8 @@ class LatencyBaseline:
         self.num_samples += 1
         self._tok_range = (min(self._tok_range[0], num_tokens), max(self._tok_range[1], num_tokens))
         self._ctx_range = (min(self._ctx_range[0], context_tokens), max(self._ctx_range[1], context_tokens))
-        self._coef = None
+        if self.num_samples - self._fitted_at >= _REFIT_EVERY or self.num_samples < 4 * self.min_samples:
+            self._coef = None
 
     def error(self, min_held_out: int | None = None) -> float | None:
         """Mean absolute relative error of held-out predictions (see module docstring); None before
@@ -128,7 +142,7 @@ class LatencyBaseline:
         if self._coef is None:
             lam = self.ridge * max(1e-12, sum(self._xtx[i][i] for i in range(3)))
             a = [[self._xtx[i][j] + (lam if i == j else 0.0) for j in range(3)] for i in range(3)]
-            self._coef = _solve3(a, self._xty)
+            self._coef, self._fitted_at = _solve3(a, self._xty), self.num_samples
             if self._coef is None:
                 return None
         x = self._features(num_tokens, context_tokens)

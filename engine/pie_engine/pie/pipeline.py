@@ -54,6 +54,7 @@ class SwapPipeline:
         self._entry_of: dict[int, int] = {}
         self._refills: list[tuple[int, bool] | None] = []
         self._in_step, self._next_layer = False, 0
+        self._resident = False  # this step runs at m = 0 (begin_resident_step): nothing to copy or time
         self._phase = 0  # rotation phase of the current step (SwapSchedule.slot)
         self._slot_of: list[int] = []  # per layer: its slot this step
         self.blocks_in_use = 0  # this step's
@@ -75,6 +76,14 @@ class SwapPipeline:
         if self._in_step:
             self.end_step()
         self.engine.mark()
+
+    def begin_resident_step(self) -> None:
+        """Start a step at m = 0, whose layers the cache serves without calling the pipeline: nothing is copied and
+        there is no excess to measure, so not even the timeline is marked (adaptive expansion sitting at m = 0
+        must cost what the plain device cache costs). ``end_step`` still closes it."""
+        if self._in_step:
+            self.end_step()
+        self._in_step, self._resident = True, True
 
     def begin_step(self, nb: int, slots_cpu: torch.Tensor, slots_dev: torch.Tensor) -> None:
         """Start a step that uses blocks ``[0, nb)`` and writes the rows ``slots`` (CPU / device int64 [T])."""
@@ -174,6 +183,11 @@ class SwapPipeline:
     def end_step(self) -> None:
         """Close the step: settle a step that failed midway, account its copies and measure its excess."""
         if not self._in_step:
+            return
+        if self._resident:
+            self._in_step = self._resident = False
+            self.last_step_stall_seconds = self.last_step_copy_seconds = 0.0
+            self.last_step_excess_seconds = None
             return
         self.engine.mark()
         complete = self._next_layer == self.layout.geometry.num_layers

@@ -123,7 +123,7 @@ class ExpansionRuntime(KVRuntime):
             iteration_seconds=iteration_seconds, stall_seconds=self.swap.last_step_stall_seconds,
             num_tokens=plan.num_batched_tokens,
             context_tokens=self.context_tokens(plan),
-            num_waiting=sched.num_waiting, num_preempted=len(plan.preempted),
+            num_preempted=len(plan.preempted),
             blocks_in_use=used, blocks_wanted=used + waiting_blocks,
             excess_seconds=self.swap.last_step_excess_seconds,
             num_output_tokens=sum(1 for s in plan.scheduled if s.sample),

@@ -39,6 +39,7 @@ class SlotLayout:
         shape = (2, self.num_blocks, *self.block_shape)
         self._views = [pool[i * slot_elems:(i + 1) * slot_elems].view(shape) for i in range(self.schedule.num_slots)]
         self._slot_of: dict[int, list[int]] = {}  # rotation phase -> per layer: its slot
+        self._layer_views: dict[int, list[torch.Tensor]] = {}  # rotation phase -> per layer: its slot's view
         self.generation += 1
 
     @property
@@ -54,3 +55,9 @@ class SlotLayout:
         if (slot_of := self._slot_of.get(phase)) is None:
             slot_of = self._slot_of[phase] = [self.schedule.slot(i, phase) for i in range(self.geometry.num_layers)]
         return slot_of
+
+    def layer_views(self, phase: int) -> list[torch.Tensor]:
+        """Per layer, its slot's view in a step of rotation phase ``phase`` (valid until the next ``apply``)."""
+        if (views := self._layer_views.get(phase)) is None:
+            views = self._layer_views[phase] = [self._views[s] for s in self.slots(phase)]
+        return views

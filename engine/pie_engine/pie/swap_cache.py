@@ -72,6 +72,8 @@ class LayerSwapKVCache(KVCache):
         self.pipeline = SwapPipeline(self.engine, self.layout, self.host, prefetch_next_step=prefetch_next_step,
                                      trace=trace)
         self.num_blocks = self.layout.num_blocks
+        # Per layer, its KV in a step at m = 0, served without the pipeline (None in a step that swaps).
+        self._resident: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------ geometry
     @property
@@ -105,6 +107,14 @@ class LayerSwapKVCache(KVCache):
     # ------------------------------------------------------------------------------------------ step hooks
     def begin_step(self, plan: StepPlan, slot_mapping: torch.Tensor,
                    slot_mapping_cpu: torch.Tensor | None = None) -> None:
+        if self.layers_on_host == 0:
+            # NOTE: nothing swaps, so nothing is checked, copied or timed: adaptive expansion idles at m = 0
+            # whenever the KV fits, and such a step must cost what DeviceKVCache's costs.
+            self._check_plan_layers(plan)
+            self.pipeline.begin_resident_step()
+            self._resident = self.layout.layer_views(0)
+            return
+        self._resident = None
         self.pipeline.open_step()
         nb = self._blocks_in_use(plan)
         sm = slot_mapping.reshape(-1).to(torch.int64)
@@ -118,21 +128,28 @@ class LayerSwapKVCache(KVCache):
             raise ValueError(f"slot_mapping writes slot {int(rows.max())}, beyond the {nb} blocks in use")
         self.pipeline.begin_step(nb, cpu, sm if sm.device == self.device else cpu.to(self.device))
 
-    def _blocks_in_use(self, plan: StepPlan) -> int:
+    def _check_plan_layers(self, plan: StepPlan) -> None:
         if plan.swap is not None and plan.swap.layers_on_host != self.layers_on_host:
             raise ValueError(f"plan expects {plan.swap.layers_on_host} layers on host, the cache has "
                              f"{self.layers_on_host}: call set_layers_on_host between steps")
+
+    def _blocks_in_use(self, plan: StepPlan) -> int:
+        self._check_plan_layers(plan)
         if (needed := plan.blocks_in_use()) > self.num_blocks:
             raise ValueError(f"the step uses {needed} blocks, the cache holds {self.num_blocks} per layer")
         return needed
 
     def begin_layer(self, layer: int) -> torch.Tensor:
+        if self._resident is not None:
+            return self._resident[layer]
         return self.layout.view(self.pipeline.begin_layer(layer))
 
     def end_layer(self, layer: int) -> None:
-        self.pipeline.end_layer(layer)
+        if self._resident is None:
+            self.pipeline.end_layer(layer)
 
     def end_step(self) -> None:
+        self._resident = None
         self.pipeline.end_step()
 
     # ------------------------------------------------------------------------------------------ reconfigure

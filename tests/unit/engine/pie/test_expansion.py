@@ -19,13 +19,13 @@ GEO = SwapGeometry(num_layers=N, pool_blocks=N * 100, num_staging=2, layer_block
 
 
 def run(ctrl: ExpansionController, iters: int, overhead: Callable[[int], float], *, stall_share: float = 1.0,
-        excess_share: float | None = None, waiting: int = 1, blocks: int | None = None, seed: int = 0,
+        excess_share: float | None = None, blocks: int | None = None, seed: int = 0,
         load: float = 1.0, noise: float = 0.0, excess_noise: float = 0.0) -> list[int]:
     """Simulated engine: iteration = base(tokens) * (1 + overhead(m)); ``stall_share`` of the extra is stall (the
     rest is compute slowed down, e.g. by copy threads); ``excess_share`` of it is reported as measured in-step
     excess (None: not measured), off by up to ``excess_noise`` * base (uniform). ``load`` scales the tokens;
     ``noise``: each iteration is off by up to this relative amount (uniform), as measured iteration times are.
-    Returns m after every iteration."""
+    ``blocks``: KV blocks in use (default: the whole capacity, i.e. demand). Returns m after every iteration."""
     rng = random.Random(seed)
     history = []
     for _ in range(iters):
@@ -35,8 +35,8 @@ def run(ctrl: ExpansionController, iters: int, overhead: Callable[[int], float],
         used = blocks if blocks is not None else GEO.capacity_blocks(ctrl.m)
         excess = None if excess_share is None or ctrl.m == 0 else (
             extra * excess_share + base * rng.uniform(-excess_noise, excess_noise))
-        ctrl.update(IterationSample(base + extra, extra * stall_share, tokens, num_waiting=waiting,
-                                    blocks_in_use=used, excess_seconds=excess))
+        ctrl.update(IterationSample(base + extra, extra * stall_share, tokens, blocks_in_use=used,
+                                    excess_seconds=excess))
         history.append(ctrl.m)
     return history
 
@@ -65,11 +65,16 @@ def test_grows_one_layer_at_a_time_under_demand_with_zero_stall() -> None:
     (150, GEO.num_host_backed(2) * GEO.capacity_blocks(2) * 1000, 2),  # the host limit allows at most m = 2
 ])
 def test_grows_at_once_to_the_m_that_holds_the_wanted_kv(wanted: int, limit: int | None, want: int) -> None:
+    """At once after a one-layer link check: the jump follows m = 1's first iteration that does not stall."""
     ctrl = ExpansionController(GEO, host_memory_limit=limit)
     cfg = ctrl.config
-    for _ in range(max(cfg.window, cfg.baseline_min_samples + cfg.baseline_min_held_out)):
-        ctrl.update(IterationSample(0.02, 0.0, 100, num_waiting=3, blocks_in_use=100, blocks_wanted=wanted))
-    assert ctrl.m == want and ctrl.num_grows == 1, ctrl.last_decision
+    history = []
+    for _ in range(max(cfg.window, cfg.baseline_min_samples + cfg.baseline_min_held_out) + 2):
+        ctrl.update(IterationSample(0.02, 0.0, 100, blocks_in_use=100, blocks_wanted=wanted))
+        history.append(ctrl.m)
+    assert ctrl.m == want, ctrl.last_decision
+    assert steps_of(history) == [0, 1, want][:2 if want == 1 else 3], history
+    assert want == 1 or history.count(1) == 2, history  # the change's own iteration, then one that hid
 
 
 def test_a_jump_stops_below_a_known_overhead_ceiling() -> None:
@@ -77,13 +82,13 @@ def test_a_jump_stops_below_a_known_overhead_ceiling() -> None:
     run(ctrl, 400, lambda m: 0.0 if m <= 2 else 0.10)  # probes 3, backs off: 3 is the ceiling
     assert ctrl.m == 2 and ctrl.state()["ceiling"] == 3
     for _ in range(3 * ctrl.config.window):
-        ctrl.update(IterationSample(0.02, 0.0, 100, num_waiting=3, blocks_in_use=133, blocks_wanted=400))
+        ctrl.update(IterationSample(0.02, 0.0, 100, blocks_in_use=133, blocks_wanted=400))
     assert ctrl.m == 2 and ctrl.num_grows == 3  # wants m = 6, but 3 and above caused overhead
 
 
 def test_no_demand_no_growth() -> None:
     ctrl = ExpansionController(GEO)
-    assert set(run(ctrl, 100, lambda m: 0.0, waiting=0, blocks=10)) == {0}
+    assert set(run(ctrl, 100, lambda m: 0.0, blocks=10)) == {0}
 
 
 def test_shrinks_on_overhead_and_settles() -> None:
@@ -113,7 +118,7 @@ def test_single_slow_iteration_does_not_shrink() -> None:
     run(ctrl, 30, lambda m: 0.0)
     m = ctrl.m
     # One iteration 25% slower (base time at 100 tokens is 0.02 s), all of it stall: diluted by the window.
-    ctrl.update(IterationSample(0.025, 0.005, 100, num_waiting=1, blocks_in_use=GEO.capacity_blocks(m)))
+    ctrl.update(IterationSample(0.025, 0.005, 100, blocks_in_use=GEO.capacity_blocks(m)))
     hist = run(ctrl, ctrl.config.window - 1, lambda m: 0.0, seed=1)
     assert min(hist) >= m
 
@@ -155,14 +160,14 @@ def test_baseline_judges_only_loads_it_was_tested_on() -> None:
     loads = [(100, 100), (12, 5000), (90, 300), (10, 4000)]
     for i in range(16):
         t, c = loads[i % 4]
-        ctrl.update(IterationSample(cost(t, c), 0.0, t, c, num_waiting=1, blocks_in_use=100))
+        ctrl.update(IterationSample(cost(t, c), 0.0, t, c, blocks_in_use=100, blocks_wanted=400))
     assert ctrl.m > 0
     b = ctrl.baseline
     assert b.predict(10, 200) is not None and b.reference(10, 200) is None  # inside the box, never tested
     pred, err = b.reference(100, 100)  # type: ignore[misc]  # tested: answers, allowing for the larger error
     assert pred == b.predict(100, 100) and err >= b.error()  # type: ignore[operator]
     for _ in range(100):  # small steps at short context, no overhead at all
-        ctrl.update(IterationSample(cost(10, 200), 0.0, 10, 200, num_waiting=1, blocks_in_use=100))
+        ctrl.update(IterationSample(cost(10, 200), 0.0, 10, 200, blocks_in_use=100, blocks_wanted=400))
     assert ctrl.num_shrinks == 0 and ctrl.overheads["baseline"] is None
     assert cost(10, 200) / b.predict(10, 200) - 1 > 0.2  # type: ignore[operator]  # what it would have read
 
@@ -182,7 +187,7 @@ def test_a_shrink_below_twice_epsilon_is_confirmed(true_overhead: float, noise: 
     ctrl.require(3, "test")  # start at m = 3 without a baseline and without demand: the in-step excess decides
     cfg = ctrl.config
     hist = run(ctrl, 300, lambda m: true_overhead if m == 3 else 0.0, stall_share=0.0, excess_share=1.0,
-               excess_noise=noise, seed=5, waiting=0, blocks=10)
+               excess_noise=noise, seed=5, blocks=10)
     if shrinks_after is None:
         assert ctrl.num_shrinks == 0 and set(hist) == {3}, ctrl.last_decision
     else:
@@ -214,7 +219,7 @@ def test_idle_gives_layers_back() -> None:
     run(ctrl, 60, lambda m: 0.0)
     grown = ctrl.m
     assert grown >= 3
-    hist = run(ctrl, 600, lambda m: 0.0, waiting=0, blocks=20)
+    hist = run(ctrl, 600, lambda m: 0.0, blocks=20)
     assert steps_of([grown, *hist]) == list(range(grown, -1, -1))  # one at a time, down to 0
 
 
@@ -236,7 +241,7 @@ def test_static_mode(ratio: float, m: int) -> None:
 
 def test_off_mode() -> None:
     ctrl = ExpansionController.from_setting("off", GEO)
-    assert set(run(ctrl, 50, lambda m: 0.0, waiting=5)) == {0}
+    assert set(run(ctrl, 50, lambda m: 0.0)) == {0}
 
 
 def test_parse_expansion() -> None:

@@ -32,7 +32,7 @@ def closed_loop(ctrl: ExpansionController, iters: int, overhead: Callable[[int],
         base = (fixed + per_seq * batch) * (1 + rng.uniform(-noise, noise))
         extra = base * overhead(ctrl.m)
         excess = None if excess_share is None or ctrl.m == 0 else extra * excess_share
-        ctrl.update(IterationSample(base + extra, extra * stall_share, batch, num_waiting=requests - batch,
+        ctrl.update(IterationSample(base + extra, extra * stall_share, batch,
                                     blocks_in_use=min(cap, batch * per_request),
                                     blocks_wanted=requests * per_request, excess_seconds=excess,
                                     num_output_tokens=batch, num_requests=requests))
@@ -63,11 +63,11 @@ def test_the_same_overhead_without_a_speed_gain_is_shed() -> None:
 
 
 def test_hill_climb_in_capacity_doublings_stops_at_the_fastest_m() -> None:
-    """Speed rises with the batch up to m = 6 and falls at m = 7 (copies there cost 60%): the grows are probes in
-    doublings of capacity (0 -> 4 -> 6 -> 7), and the last one is undone."""
+    """Speed rises with the batch up to m = 6 and falls at m = 7 (copies there cost 60%): after the link check at
+    m = 1 the grows are probes in doublings of capacity (0 -> 4 -> 6 -> 7), and the last one is undone."""
     ctrl = ExpansionController(GEO)
     hist = closed_loop(ctrl, 800, lambda m: 0.6 if m == 7 else 0.0, requests=40, excess_share=None)
-    assert steps_of(hist)[:5] == [0, 4, 6, 7, 6], ctrl.last_decision
+    assert steps_of(hist)[:6] == [0, 1, 4, 6, 7, 6], ctrl.last_decision
     assert ctrl.transparent_limit == 6
     # m = 7 is tried again only after the ceiling's ttl, doubled after each back-off: 500, then 1000 iterations
     assert steps_of(hist).count(7) <= 2 and hist[-1] in (6, 7)
@@ -78,7 +78,7 @@ def test_a_probe_that_would_not_pay_to_undo_is_kept() -> None:
     ctrl = ExpansionController(GEO, config=ControllerConfig(payback_seconds=1.0),
                                recompute_tokens=lambda m: 10**7)
     hist = closed_loop(ctrl, 800, lambda m: 0.6 if m == 7 else 0.0, requests=40, excess_share=None)
-    assert steps_of(hist) == [0, 4, 6, 7] and ctrl.num_shrinks == 0
+    assert steps_of(hist) == [0, 1, 4, 6, 7] and ctrl.num_shrinks == 0
     assert "would not pay" in ctrl.last_decision or ctrl.last_decision == "hold"
 
 
@@ -108,6 +108,7 @@ def test_stalls_send_a_jump_back_where_it_came_from_and_probes_become_rare() -> 
     grows = [m for m in steps if m > 0]
     assert sum(1 for m in hist if m > 0) == len(grows) * (1 + cfg.probe_stall_iterations), steps
     assert len(grows) == 2 and "grow stalls" in ctrl.changes[-1][2]  # at ~20 and ~2020; the next at ~6020
+    assert max(hist) == 1  # the one-layer link check caught it: the jump to the m the KV wanted was never made
     assert ctrl.state()["ceiling"] == 1
 
 
@@ -117,18 +118,19 @@ def test_a_slower_jump_is_halved_next_time() -> None:
     ctrl = ExpansionController(GEO)
     hist = closed_loop(ctrl, 900, lambda m: 0.0 if m == 0 else 1.5, excess_share=None, requests=8)
     grows = [m for m in steps_of(hist) if m > 0]
-    assert grows[:3] == [4, 2, 1] and ctrl.changes[1][2].startswith("probe: speed"), ctrl.changes
+    assert grows[:4] == [1, 4, 2, 1] and ctrl.changes[2][2].startswith("probe: speed"), ctrl.changes
 
 
 def test_an_explicit_latency_target_bounds_the_batch() -> None:
     """A target of 30 ms per output token: the batch m = 6 allows (20 sequences, 31.5 ms with the 5% overhead) is
-    over it, m = 5's (13 sequences, 24 ms) within it. The controller settles at 5; without a target it goes on."""
+    over it, m = 5's (13 sequences, 24 ms) within it. The controller settles at 5 (it grows only well below the
+    target, and backs off above it); without a target it goes on."""
     def itl(m: int) -> float:
         return (0.01 + 0.001 * min(24, GEO.capacity_blocks(m) // 20)) * 1.05
 
     ctrl = ExpansionController(GEO, config=ControllerConfig(latency_target=0.03))
     closed_loop(ctrl, 800, lambda m: 0.05, excess_share=None, noise=0.0)
-    assert itl(ctrl.m) <= 0.03 < itl(ctrl.m + 1) and ctrl.num_shrinks >= 1, ctrl.last_decision
+    assert itl(ctrl.m) <= 0.03 < itl(ctrl.m + 1), ctrl.last_decision
     free = ExpansionController(GEO)
     closed_loop(free, 800, lambda m: 0.05, excess_share=None, noise=0.0)
     assert free.m > ctrl.m

@@ -65,8 +65,8 @@ def run_step(kv: KVCache, sched: Scheduler, pie: ExpansionRuntime, seconds: floa
 
 
 def setup(expansion: str, cfg: ControllerConfig | None = None, **kw):
-    config = EngineConfig(model="unused", expansion=expansion, max_num_seqs=6, max_num_batched_tokens=24,
-                          block_size=BS, **kw)
+    config = EngineConfig(**{"model": "unused", "expansion": expansion, "max_num_seqs": 6,
+                             "max_num_batched_tokens": 24, "block_size": BS, **kw})
     backend = PieKVBackend(config, cfg)
     kv = backend.make_cache(KVSpec(LAYERS, BLOCKS, BS, HEADS, DIM, torch.float32, torch.device("cpu")))
     sched = Scheduler(config, BlockManager(kv.num_blocks, BS), max_model_len=200)
@@ -100,8 +100,8 @@ def test_static_ratio_is_applied_at_start() -> None:
 
 
 def test_adaptive_grows_under_load_then_backs_off_with_correct_kv() -> None:
-    """Growth with a waiting queue, at once to the m its KV needs; simulated overhead at m >= 3 makes it shrink one
-    layer at a time to 2 (C shrinks: preemption)."""
+    """Growth with a waiting queue, at once (after a one-layer link check) to the m its KV needs; simulated
+    overhead at m >= 3 makes it shrink one layer at a time to 2 (C shrinks: preemption)."""
     # The simulated overhead slows every layer alike, so only the m = 0 baseline can see it. It judges only loads it
     # was tested on at m = 0: give it the history of a long-running server, every load this test runs (10 s each).
     cfg = ControllerConfig(window=2, cooldown=1, ceiling_ttl=10_000, idle_shrink=False, baseline_min_samples=4)
@@ -125,11 +125,36 @@ def test_adaptive_grows_under_load_then_backs_off_with_correct_kv() -> None:
         assert sched.block_manager.num_blocks == kv.num_blocks
     top = max(history)
     assert top > 3 and history[-1] == 2, history
-    assert [m for i, m in enumerate(history) if i == 0 or m != history[i - 1]] == [0, *range(top, 1, -1)], history
-    assert pie.controller is not None and pie.controller.num_grows == 1 and pie.controller.num_shrinks == top - 2
+    # the jump follows a one-layer link check (copies hid at m = 1)
+    assert [m for i, m in enumerate(history) if i == 0 or m != history[i - 1]] == [0, 1, *range(top, 1, -1)], history
+    assert pie.controller is not None and pie.controller.num_grows == 2 and pie.controller.num_shrinks == top - 2
     assert pie.state()["recommended_gpu_memory_bytes"] > 0
     assert pie.controller.reconfigure_seconds > 0  # every move was timed: undoing a probe counts it
     kv.close()
+
+
+def test_a_queue_behind_max_num_seqs_is_not_kv_demand() -> None:
+    """Requests waiting for a batch slot (max_num_seqs), not for KV, never make adaptive expand: more KV would not
+    run them sooner, and swapping would only cost. The same controller grows at once when the queue wants KV."""
+    cfg = ControllerConfig(window=2, cooldown=1, baseline_min_samples=4)
+
+    def short(sched: Scheduler, n: int) -> None:  # 2 blocks each: one at a time always fits in 8
+        for i in range(n):
+            sched.add(Sequence(prompt_token_ids=[1] * 5, params=SamplingParams(max_tokens=3, ignore_eos=True),
+                               request_id=f"s{i}"))
+
+    for max_num_seqs, grows in ((1, False), (6, True)):
+        kv, sched, pie = setup("adaptive", cfg, max_num_seqs=max_num_seqs)
+        assert pie.controller is not None
+        for _ in range(2):  # a warm baseline, so only demand decides whether it grows
+            for tokens in (1, 2, 4, 8, 16, 32):
+                for context in (0, 4, 8, 16, 32, 64, 128):
+                    pie.controller.baseline.add(1.0, tokens, context)
+        short(sched, 40)
+        while sched.has_unfinished():
+            run_step(kv, sched, pie, 1.0)
+        assert (pie.controller.num_grows > 0) is grows, pie.controller.changes
+        kv.close()
 
 
 def test_the_controller_measures_speed_from_real_steps() -> None:

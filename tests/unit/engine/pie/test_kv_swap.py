@@ -59,6 +59,24 @@ def test_data_matches_reference(caches, m: int, k: int) -> None:
     assert cache.num_blocks == BLOCKS * LAYERS // (LAYERS - m)
 
 
+def test_steps_at_m0_never_touch_the_copy_engine(caches) -> None:
+    """Adaptive expansion idles at m = 0 whenever the KV fits: those steps must cost what the device cache's cost,
+    so the copy engine (timeline marks, step accounting) is not called at all -- until m > 0, when it is."""
+    cache = caches(0, 2)
+    calls: list[str] = []
+    engine = cache.engine
+    for name in ("mark", "end_step", "wait", "swap_in", "step_program", "synchronize"):
+        real = getattr(engine, name)
+        setattr(engine, name, lambda *a, _n=name, _f=real, **k: (calls.append(_n), _f(*a, **k))[1])
+    driver = ToyDriver(cache, seed=3)
+    for _ in range(12):
+        driver.step()
+    assert driver.reads > 0 and calls == [] and cache.last_step_excess_seconds is None
+    driver.reconfigure(2)
+    driver.step()
+    assert "mark" in calls and "end_step" in calls
+
+
 @pytest.mark.parametrize("prefetch_next_step", [True, False])
 @pytest.mark.parametrize("swap_plan", [True, False])
 def test_prefetch_across_steps_with_changing_block_usage(caches, prefetch_next_step: bool, swap_plan: bool) -> None:
