@@ -65,7 +65,9 @@ class ExpansionController:
         self._probe: Probe | None = None
         self._grown: tuple[int, int, int] | None = None  # the last grow (origin, iteration, stalled iterations since)
         self.copies_hid = False  # an iteration at some m > 0 after a grow did not stall: the link can keep up
-        self._link_check: tuple[int, int, str] | None = None  # a jump waiting on the link check (origin, target, why)
+        # a jump waiting on the link check: (origin, target, why, KV wanted)
+        self._link_check: tuple[int, int, str, int] | None = None
+        self.copy_seconds_per_byte: float | None = None  # the link as measured at m > 0 (moving average)
         self._hold_reason = "hold"  # what last_decision says when an update changes nothing
         self.last_decision = "start"
         self.m = self._target_static() if mode == "static" else 0
@@ -104,6 +106,10 @@ class ExpansionController:
         if self.mode != "adaptive":
             self.m = 0 if self.mode == "off" else self._target_static()
             return self.m
+        if self.m > 0 and s.copy_seconds > 0 and s.copy_bytes > 0:
+            rate = s.copy_seconds / s.copy_bytes
+            old = self.copy_seconds_per_byte
+            self.copy_seconds_per_byte = rate if old is None else 0.8 * old + 0.2 * rate
         if self._grown is not None and (verdict := self._grow_stalls(s)) is not None:
             return verdict
         if self._cooldown > 0:
@@ -129,7 +135,8 @@ class ExpansionController:
         if (baseline_ready and self._latency_allows_growth(window) and self.stall_fraction < cfg.grow_stall_fraction
                 and demand_share >= cfg.demand_fraction and self.m + 1 <= self.max_layers_on_host
                 and self.m + 1 < ceiling and self._probe is None):
-            return self._grow(self._grow_target(window, ceiling), f"demand with overhead {self.overhead:.3f}")
+            return self._grow(self._grow_target(window, ceiling), f"demand with overhead {self.overhead:.3f}",
+                              max(s.wanted for s, _, _ in window))
         if cfg.idle_shrink and self.m > 0 and len(self._idle) == cfg.idle_window and not any(
                 d for _, d in self._idle):
             smaller = self.geometry.capacity_blocks(self.m - 1)
@@ -179,9 +186,13 @@ class ExpansionController:
         if s.stall_seconds <= limit * max(s.iteration_seconds - s.stall_seconds, 1e-12):
             self._grown = None  # it hides (at least once): the window's guards judge it from here
             self.copies_hid = True
-            if (check := self._link_check) is not None:  # the link keeps up: on to the jump it stood in for
-                origin, target, why = check
-                return self._change(target, f"{why} (copies hid at m = {self.m})", probe_origin=origin)
+            if (check := self._link_check) is not None:  # m + 1 hides: on to the jump it stood in for, as far as
+                origin, target, why, wanted = check  # the link measured here moves a step's copies in a step
+                self._link_check = None
+                if (fits := self._link_cap(target, wanted, s.iteration_seconds - s.stall_seconds)) > self.m:
+                    return self._change(fits, f"{why} (copies hid at m = {self.m})", probe_origin=origin)
+                self.last_decision = (f"link check: copies hide at m = {self.m}, but the link would not move "
+                                      f"m = {self.m + 1}'s within a step")
             return None
         stalled += 1
         self._grown = (origin, started, stalled)
@@ -192,7 +203,7 @@ class ExpansionController:
         return self._back_off(f"grow stalls: {fraction:.2f} of iteration {stalled} at m = {self.m}",
                               Probe(origin, self.m, started), whole=True)
 
-    def _grow(self, target: int, reason: str) -> int:
+    def _grow(self, target: int, reason: str, wanted: int) -> int:
         """Grow to ``target``; a jump of more than one layer before copies were ever seen to hide goes one layer
         first, and on to ``target`` at its first iteration that does not stall (``_grow_stalls``).
         NOTE: where the link cannot keep up, m + 1 costs one layer's copies for the few iterations _grow_stalls
@@ -202,8 +213,23 @@ class ExpansionController:
             return self._change(target, reason)
         origin = self.m
         m = self._change(self.m + 1, f"{reason}; m = {target} once copies hide here")
-        self._link_check = (origin, target, reason)
+        self._link_check = (origin, target, reason, wanted)
         return m
+
+    def _link_cap(self, target: int, wanted: int, compute_seconds: float) -> int:
+        """The largest m in [self.m, target] whose per-step swap-ins (its host-backed layers, each the blocks in use:
+        at most its capacity and the KV wanted) the measured link moves within ``compute_seconds``; ``target``
+        while the link is unmeasured. NOTE: the copies must fit a step or every step stalls: on a link that slow a
+        jump costs all its layers' copies until the stall rule undoes it (``_grow_stalls``)."""
+        rate = self.copy_seconds_per_byte
+        if rate is None:
+            return target
+        g = self.geometry
+
+        def seconds(m: int) -> float:
+            return rate * g.num_host_backed(m) * min(g.capacity_blocks(m), wanted) * g.layer_block_bytes
+
+        return max((m for m in range(self.m + 1, target + 1) if seconds(m) <= compute_seconds), default=self.m)
 
     def _capacity_need(self) -> str | None:
         """Why an overhead above epsilon is not shed by itself: the KV wanted over the window does not fit at
@@ -278,7 +304,8 @@ class ExpansionController:
 
     def _grow_target(self, window: list[Entry], ceiling: int) -> int:
         """m + 1, or the smallest m that holds ``grow_headroom`` times the window's peak KV demand when that demand
-        is beyond the current capacity (never at or above ``ceiling``, never beyond the host limit). Where the speed
+        is beyond the current capacity (never at or above ``ceiling``, never beyond the host limit, never beyond
+        what the measured link moves within a step: ``_link_cap``). Where the speed
         at m is measured the grow is a probe and climbs at most to twice the capacity: copies grow with m, so the
         speed has a peak below the m that holds everything, and a hill-climb in doublings finds it in few probes."""
         g = self.geometry
@@ -290,6 +317,8 @@ class ExpansionController:
             if self.speeds.estimate(self.m, self._iteration, self.evidence.conditions()) is not None:
                 double = self.required_layers_on_host(2 * g.capacity_blocks(self.m))
                 target = min(target, max(self.m + 1, self.max_layers_on_host if double is None else double))
+            compute = sum(e.iteration_seconds - e.stall_seconds for e, _, _ in window) / len(window)
+            target = max(self.m + 1, self._link_cap(target, wanted, compute))  # one layer: a measured step
         return min(target, self.max_layers_on_host, ceiling - 1)
 
     def required_layers_on_host(self, blocks: int) -> int | None:

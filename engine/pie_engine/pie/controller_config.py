@@ -21,6 +21,8 @@ class IterationSample:
     # blocks_in_use plus what the waiting requests the batch has room for need; None: blocks_in_use
     blocks_wanted: int | None = None
     excess_seconds: float | None = None  # swapping's cost measured inside the step (pipeline.py); None: unknown
+    copy_seconds: float = 0.0  # summed durations of the KV copies resolved in the step (link time)
+    copy_bytes: int = 0  # bytes the step's KV copies move (both directions, as issued)
     num_output_tokens: int = 0  # tokens sampled in the step (one per sequence that reached its end); 0: unknown
     num_requests: int = 0  # requests in the system after the step (running + waiting): the speed's denominator
 

@@ -61,6 +61,7 @@ class SwapPipeline:
         self._growth_seconds = 0.0  # spent growing host copies in this step's begin_step (engine clock)
         self.swap_in_bytes_total = self.swap_out_bytes_total = 0
         self.swap_stall_seconds_total = self.last_step_stall_seconds = self.last_step_copy_seconds = 0.0
+        self.last_step_copy_bytes = 0  # issued by the last step, both directions
         # What swapping added to the last step, measured within it (SwapSchedule.excess_seconds); None: unknown.
         self.last_step_excess_seconds: float | None = None
 
@@ -187,6 +188,7 @@ class SwapPipeline:
         if self._resident:
             self._in_step = self._resident = False
             self.last_step_stall_seconds = self.last_step_copy_seconds = 0.0
+            self.last_step_copy_bytes = 0
             self.last_step_excess_seconds = None
             return
         self.engine.mark()
@@ -207,6 +209,7 @@ class SwapPipeline:
         self.swap_out_bytes_total += stats.swap_out_bytes
         self.swap_stall_seconds_total += stats.stall_seconds
         self.last_step_stall_seconds, self.last_step_copy_seconds = stats.stall_seconds, stats.copy_seconds
+        self.last_step_copy_bytes = stats.swap_in_bytes + stats.swap_out_bytes
         # periods: [begin_step, embedding + layer 0's projections, layer 0, ..., layer n - 1]; begin_step's own
         # work (swap-in issue) is swapping cost too, except growing the host copies: that is paid once as demand
         # grows, not every step at this m, so it must not make the controller judge m as not transparent.

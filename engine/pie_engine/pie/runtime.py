@@ -126,6 +126,7 @@ class ExpansionRuntime(KVRuntime):
             num_preempted=len(plan.preempted),
             blocks_in_use=used, blocks_wanted=used + waiting_blocks,
             excess_seconds=self.swap.last_step_excess_seconds,
+            copy_seconds=self.swap.last_step_copy_seconds, copy_bytes=self.swap.last_step_copy_bytes,
             num_output_tokens=sum(1 for s in plan.scheduled if s.sample),
             num_requests=sched.num_running + sched.num_waiting)
         m = self.controller.update(sample)

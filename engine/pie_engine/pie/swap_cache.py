@@ -195,6 +195,10 @@ class LayerSwapKVCache(KVCache):
         return self.pipeline.last_step_copy_seconds
 
     @property
+    def last_step_copy_bytes(self) -> int:
+        return self.pipeline.last_step_copy_bytes
+
+    @property
     def last_step_excess_seconds(self) -> float | None:
         """What swapping added to the last step, measured within it; None: unknown (pipeline.py)."""
         return self.pipeline.last_step_excess_seconds

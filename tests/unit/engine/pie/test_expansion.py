@@ -351,3 +351,25 @@ def test_require_grows_at_once_and_overrides_overhead() -> None:
     static = ExpansionController(GEO, "static", 2.0)
     assert static.require(6, "x") == 4
     assert ExpansionController(GEO, "off").require(6, "x") == 0
+
+
+@pytest.mark.parametrize(("seconds_per_byte", "want"), [
+    # host-backed layers (m + 2 staging) x blocks in use (at most C(m) and the 150 wanted) x 1000 bytes per step
+    (1e-12, 4),  # memcpy speed: the jump goes where the KV wanted fits (C(4) = 200 >= 1.2 * 150)
+    (3e-8, 2),  # m = 2 moves 4 x 133 blocks in 16 ms of a 20 ms step; m = 3 would need 5 x 150: 22.5 ms
+    (5e-8, 1),  # m = 1's copies (3 x 114 blocks: 17 ms) hide, m = 2's (27 ms) cannot: no jump at all
+])
+def test_a_jump_goes_no_further_than_the_measured_link_moves_in_a_step(seconds_per_byte: float, want: int) -> None:
+    """The link check measures the link at m = 1; the jump after it stops at the largest m whose swap-ins (host-backed
+    layers x blocks in use) the link moves within an iteration. Copies that do not fit stall (simulated)."""
+    ctrl = ExpansionController(GEO)
+    history = []
+    for _ in range(22):  # the link check at ~12, the jump two iterations later, no further grow before ~26
+        blocks = min(GEO.capacity_blocks(ctrl.m), 150)
+        copy_bytes = GEO.num_host_backed(ctrl.m) * blocks * GEO.layer_block_bytes
+        copy = seconds_per_byte * copy_bytes
+        ctrl.update(IterationSample(0.02 + max(0.0, copy - 0.02), max(0.0, copy - 0.02), 100, blocks_in_use=blocks,
+                                    blocks_wanted=150, copy_seconds=copy, copy_bytes=copy_bytes))
+        history.append(ctrl.m)
+    assert max(history) == want and ctrl.m == want, ctrl.changes
+    assert ctrl.num_shrinks == 0  # nothing had to be undone
