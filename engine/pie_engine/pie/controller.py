@@ -174,21 +174,25 @@ class ExpansionController:
 
     def _grow_stalls(self, s: IterationSample) -> int | None:
         """A grow whose first ``probe_stall_iterations`` iterations (after the change's own, which migrates KV) all
-        stall beyond twice the clear level is undone at once, cooldown or not: with copies that cannot hide (a slow
-        link) every such iteration costs a multiple of one without swapping, and a window of evidence would cost
-        more than the grow could ever win."""
+        stall beyond twice the clear level (a link check: beyond epsilon) is undone at once, cooldown or not: with
+        copies that cannot hide (a slow link) every such iteration costs a multiple of one without swapping, and a
+        window of evidence would cost more than the grow could ever win."""
         cfg = self.config
         assert self._grown is not None
         origin, started, stalled = self._grown
         if self._iteration - started <= 1:
             return None
-        limit = 2 * cfg.clear_factor * cfg.epsilon
+        # NOTE: a link check must show copies that hide (stall within epsilon): it decides whether expansion is worth
+        # trying on this link at all, and a jump after a check that stalled 15% went on stalling (throttled tiny).
+        limit = cfg.epsilon if self._link_check is not None else 2 * cfg.clear_factor * cfg.epsilon
         if s.stall_seconds <= limit * max(s.iteration_seconds - s.stall_seconds, 1e-12):
             self._grown = None  # it hides (at least once): the window's guards judge it from here
             self.copies_hid = True
             if (check := self._link_check) is not None:  # m + 1 hides: on to the jump it stood in for, as far as
                 origin, target, why, wanted = check  # the link measured here moves a step's copies in a step
                 self._link_check = None
+                if target <= self.m:
+                    return None
                 if (fits := self._link_cap(target, wanted, s.iteration_seconds - s.stall_seconds)) > self.m:
                     return self._change(fits, f"{why} (copies hid at m = {self.m})", probe_origin=origin)
                 self.last_decision = (f"link check: copies hide at m = {self.m}, but the link would not move "
@@ -204,15 +208,17 @@ class ExpansionController:
                               Probe(origin, self.m, started), whole=True)
 
     def _grow(self, target: int, reason: str, wanted: int) -> int:
-        """Grow to ``target``; a jump of more than one layer before copies were ever seen to hide goes one layer
-        first, and on to ``target`` at its first iteration that does not stall (``_grow_stalls``).
+        """Grow to ``target``. Before copies were ever seen to hide, a grow is a link check: one layer first, undone
+        at once if it stalls beyond epsilon, else on to ``target`` (as far as the link allows) at its first iteration
+        that does not (``_grow_stalls``).
         NOTE: where the link cannot keep up, m + 1 costs one layer's copies for the few iterations _grow_stalls
         takes to undo it; the jump costs all of its layers', and undoing it preempts everything admitted meanwhile
         (tiny model, PCIe-like throttle: a jump to m = 4 and back served 0.83x the tokens of --expansion off)."""
-        if target <= self.m + 1 or self.copies_hid:
+        if self.copies_hid:
             return self._change(target, reason)
         origin = self.m
-        m = self._change(self.m + 1, f"{reason}; m = {target} once copies hide here")
+        why = reason if target <= self.m + 1 else f"{reason}; m = {target} once copies hide here"
+        m = self._change(self.m + 1, why)
         self._link_check = (origin, target, reason, wanted)
         return m
 

@@ -373,3 +373,13 @@ def test_a_jump_goes_no_further_than_the_measured_link_moves_in_a_step(seconds_p
         history.append(ctrl.m)
     assert max(history) == want and ctrl.m == want, ctrl.changes
     assert ctrl.num_shrinks == 0  # nothing had to be undone
+
+
+def test_a_link_check_that_stalls_beyond_epsilon_is_undone_at_once() -> None:
+    """Copies that stall 15% at m = 1 (a slow link; under twice the clear level, which a later grow would tolerate
+    for a window): the link check is undone after its own iteration and two stalled ones, and the m stays forbidden
+    for the long ttl, instead of a window at 15%, a jump, or a retry 500 iterations later."""
+    ctrl = ExpansionController(GEO)
+    hist = run(ctrl, 700, lambda m: 0.15 if m else 0.0)
+    assert sum(1 for m in hist if m > 0) == 1 + ctrl.config.probe_stall_iterations, steps_of(hist)
+    assert ctrl.num_grows == 1 and "grow stalls" in ctrl.changes[-1][2], ctrl.changes
