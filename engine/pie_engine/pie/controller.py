@@ -68,6 +68,8 @@ class ExpansionController:
         # a jump waiting on the link check: (origin, target, why, KV wanted)
         self._link_check: tuple[int, int, str, int] | None = None
         self.copy_seconds_per_byte: float | None = None  # the link as measured at m > 0 (moving average)
+        self._changed_at = 0  # the iteration m last changed at
+        self._link_seconds, self._link_bytes = 0.0, 0  # copies measured during the link check
         self._hold_reason = "hold"  # what last_decision says when an update changes nothing
         self.last_decision = "start"
         self.m = self._target_static() if mode == "static" else 0
@@ -106,7 +108,9 @@ class ExpansionController:
         if self.mode != "adaptive":
             self.m = 0 if self.mode == "off" else self._target_static()
             return self.m
-        if self.m > 0 and s.copy_seconds > 0 and s.copy_bytes > 0:
+        # NOTE: not from a change's own iteration: it issues the next step's swap-ins but resolves only its own, and
+        # read as seconds per byte that halved the link's cost (a jump the link could not carry).
+        if self.m > 0 and self._iteration - self._changed_at > 1 and s.copy_seconds > 0 and s.copy_bytes > 0:
             rate = s.copy_seconds / s.copy_bytes
             old = self.copy_seconds_per_byte
             self.copy_seconds_per_byte = rate if old is None else 0.8 * old + 0.2 * rate
@@ -118,6 +122,8 @@ class ExpansionController:
         self.evidence.add(s, self.m, demand)
         self.speeds.add(self.m, self._iteration, s.num_output_tokens, s.iteration_seconds, s.num_requests,
                         s.context_tokens)
+        if self._link_check is not None:
+            return self.m  # the link check decides the next move (_grow_stalls)
         if len(self.evidence) < cfg.window:
             return self.m
         window = self.evidence.last()
@@ -185,18 +191,31 @@ class ExpansionController:
         # NOTE: a link check must show copies that hide (stall within epsilon): it decides whether expansion is worth
         # trying on this link at all, and a jump after a check that stalled 15% went on stalling (throttled tiny).
         limit = cfg.epsilon if self._link_check is not None else 2 * cfg.clear_factor * cfg.epsilon
-        if s.stall_seconds <= limit * max(s.iteration_seconds - s.stall_seconds, 1e-12):
-            self._grown = None  # it hides (at least once): the window's guards judge it from here
-            self.copies_hid = True
-            if (check := self._link_check) is not None:  # m + 1 hides: on to the jump it stood in for, as far as
-                origin, target, why, wanted = check  # the link measured here moves a step's copies in a step
-                self._link_check = None
-                if target <= self.m:
-                    return None
-                if (fits := self._link_cap(target, wanted, s.iteration_seconds - s.stall_seconds)) > self.m:
-                    return self._change(fits, f"{why} (copies hid at m = {self.m})", probe_origin=origin)
-                self.last_decision = (f"link check: copies hide at m = {self.m}, but the link would not move "
-                                      f"m = {self.m + 1}'s within a step")
+        compute = s.iteration_seconds - s.stall_seconds
+        if s.stall_seconds <= limit * max(compute, 1e-12):
+            if (check := self._link_check) is None:
+                self._grown = None  # it hides (at least once): the window's guards judge it from here
+                self.copies_hid = True
+                return None
+            # A link check judges the link over ``link_check_iterations`` iterations: one step's accounting mixes
+            # the copies it resolved with the ones it issued (seconds per byte read at a third of the link's).
+            self._link_seconds += s.copy_seconds
+            self._link_bytes += s.copy_bytes
+            if self._iteration - started <= cfg.link_check_iterations:
+                return None
+            self._grown, self._link_check, self.copies_hid = None, None, True
+            origin, target, why, wanted = check
+            if self._link_bytes > 0 and self._link_seconds > 0:
+                self.copy_seconds_per_byte = self._link_seconds / self._link_bytes
+            if (here := self._copy_seconds(self.m, wanted)) > compute:  # hid so far, on a prefix not yet full
+                return self._back_off(f"link check: m = {self.m}'s copies would take {here * 1e3:.0f} ms of a "
+                                      f"{compute * 1e3:.0f} ms step", Probe(origin, self.m, started), whole=True)
+            if target <= self.m:
+                return None
+            if (fits := self._link_cap(target, wanted, compute)) > self.m:
+                return self._change(fits, f"{why} (copies hid at m = {self.m})", probe_origin=origin)
+            self.last_decision = (f"link check: copies hide at m = {self.m}, but the link would not move "
+                                  f"m = {self.m + 1}'s within a step")
             return None
         stalled += 1
         self._grown = (origin, started, stalled)
@@ -223,19 +242,21 @@ class ExpansionController:
         return m
 
     def _link_cap(self, target: int, wanted: int, compute_seconds: float) -> int:
-        """The largest m in [self.m, target] whose per-step swap-ins (its host-backed layers, each the blocks in use:
-        at most its capacity and the KV wanted) the measured link moves within ``compute_seconds``; ``target``
-        while the link is unmeasured. NOTE: the copies must fit a step or every step stalls: on a link that slow a
-        jump costs all its layers' copies until the stall rule undoes it (``_grow_stalls``)."""
-        rate = self.copy_seconds_per_byte
-        if rate is None:
+        """The largest m in [self.m, target] whose per-step copies the measured link moves within
+        ``compute_seconds`` (``_copy_seconds``); ``target`` while the link is unmeasured. NOTE: the copies must fit
+        a step or every step stalls: on a link that slow a jump costs all its layers' copies until the stall rule
+        undoes it (``_grow_stalls``)."""
+        if self.copy_seconds_per_byte is None:
             return target
+        return max((m for m in range(self.m + 1, target + 1) if self._copy_seconds(m, wanted) <= compute_seconds),
+                   default=self.m)
+
+    def _copy_seconds(self, m: int, wanted: int) -> float:
+        """Link seconds of one step's swap-ins at ``m`` (its host-backed layers, each the blocks in use: at most its
+        capacity and the KV wanted), at the measured seconds per byte (0 while unmeasured)."""
         g = self.geometry
-
-        def seconds(m: int) -> float:
-            return rate * g.num_host_backed(m) * min(g.capacity_blocks(m), wanted) * g.layer_block_bytes
-
-        return max((m for m in range(self.m + 1, target + 1) if seconds(m) <= compute_seconds), default=self.m)
+        blocks = min(g.capacity_blocks(m), wanted)
+        return (self.copy_seconds_per_byte or 0.0) * g.num_host_backed(m) * blocks * g.layer_block_bytes
 
     def _capacity_need(self) -> str | None:
         """Why an overhead above epsilon is not shed by itself: the KV wanted over the window does not fit at
@@ -365,6 +386,8 @@ class ExpansionController:
         """After a change of m or of the pool: the window restarts and a cooldown skips the transition."""
         self.evidence.clear()
         self._idle.clear()
+        self._changed_at = self._iteration
+        self._link_seconds, self._link_bytes = 0.0, 0
         self.speeds.break_batch()
         self._cooldown = self.config.cooldown
 

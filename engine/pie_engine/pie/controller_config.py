@@ -77,6 +77,9 @@ class ControllerConfig:
     probe_batches: int = 4
     probe_z: float = 2.0
     probe_stall_iterations: int = 2  # a probe stalling beyond 2 clear_factor epsilon this long is undone at once
+    # A first grow (the link check) measures the link over this many iterations after the change's own before the
+    # jump it stands in for (capped at what that link moves within a step: ExpansionController._link_cap).
+    link_check_iterations: int = 4
     speed_ttl: int = 1000  # iterations a speed measurement stays comparable (the load may have changed since)
     payback_seconds: float = 60.0
     max_ceiling_backoff: int = 8  # repeated back-offs lengthen the ceiling's ttl up to this factor
@@ -94,8 +97,10 @@ class ControllerConfig:
         if self.latency_target is not None and not self.latency_target > 0:
             raise ValueError(f"latency_target must be > 0 seconds, got {self.latency_target}")
         if (self.speed_batch < 1 or self.probe_batches < 2 or self.probe_stall_iterations < 1 or self.speed_ttl < 1
+                or self.link_check_iterations < 1
                 or self.max_ceiling_backoff < 1):
-            raise ValueError("need speed_batch >= 1, probe_batches >= 2, probe_stall_iterations >= 1, speed_ttl >= 1, "
+            raise ValueError("need speed_batch >= 1, probe_batches >= 2, probe_stall_iterations >= 1, "
+                             "link_check_iterations >= 1, speed_ttl >= 1, "
                              "max_ceiling_backoff >= 1")
         if self.payback_seconds < 0 or self.probe_z < 0:
             raise ValueError(f"need payback_seconds >= 0 and probe_z >= 0, got {self.payback_seconds}, "
