@@ -138,8 +138,9 @@ def configs_of(workload: str, statics: list[str], throttled_statics: bool) -> li
 
 
 def run(models: list[str] | None = None, workloads: list[str] | None = None, rounds: int = 2,
-        ratios: list[str] | None = None, quick: bool = False, throttled_statics: bool = False) -> dict:
-    """Run the benchmark, save bench/results/served_expansion[_quick].json + .png, return the result."""
+        ratios: list[str] | None = None, quick: bool = False, throttled_statics: bool = False,
+        out: str | None = None) -> dict:
+    """Run the benchmark, save bench/results/<out>.json + .png (default served_expansion[_quick]), return it."""
     start = time.perf_counter()
     models = models or (["tiny"] if quick else list(MODELS))
     workloads = workloads or list(WORKLOADS)
@@ -188,13 +189,13 @@ def run(models: list[str] | None = None, workloads: list[str] | None = None, rou
         result["models"][m] = entry
     result["goals"] = {m: e["goals"] for m, e in result["models"].items()}
     result["wall_benchmark_s"] = round(time.perf_counter() - start, 1)
-    name = "served_expansion" + ("_quick" if quick else "")  # a smoke run never overwrites real results
+    name = out or "served_expansion" + ("_quick" if quick else "")  # a smoke run never overwrites real results
     save(name, result)
-    plot(result, quick)
+    plot(result, quick, name)
     return result
 
 
-def plot(result: dict, quick: bool) -> None:
+def plot(result: dict, quick: bool, name: str = "served_expansion") -> None:
     """Left: median wall output tokens/s per config, per model and workload. Right: adaptive runs' m over time."""
     import matplotlib
 
@@ -222,7 +223,7 @@ def plot(result: dict, quick: bool) -> None:
     b.set_ylabel("layers on host (m)")
     b.set_title("adaptive: layers_on_host, polled every 0.5 s", fontsize=9)
     b.legend(fontsize=6)
-    save_figure(fig, "served_expansion", quick)
+    save_figure(fig, name.removesuffix("_quick"), quick)
 
 
 def median_tok_s(model_entry: dict, workload: str, cfg: str) -> float:
@@ -266,11 +267,13 @@ def main() -> None:
     ap.add_argument("--ratios", type=split, default=None, help="static expansion ratios (default 1.5,2.0,3.0)")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny model, few requests, one round")
     ap.add_argument("--throttled-statics", action="store_true", help="also run the static ratios throttled")
+    ap.add_argument("--out", default=None, help="result name in bench/results (default served_expansion[_quick]): "
+                                                "a partial run that must not replace the full table")
     args = ap.parse_args()
     for name, given, known in (("model", args.models, MODELS), ("workload", args.workloads, WORKLOADS)):
         if unknown := set(given or ()) - set(known):
             ap.error(f"unknown {name}(s): {', '.join(sorted(unknown))}")
-    result = run(args.models, args.workloads, args.rounds, args.ratios, args.quick, args.throttled_statics)
+    result = run(args.models, args.workloads, args.rounds, args.ratios, args.quick, args.throttled_statics, args.out)
     print(json.dumps({"goals": result["goals"], "ratios": {m: {wl: w["ratios"] for wl, w in e["workloads"].items()}
                                                            for m, e in result["models"].items()}}, indent=2))
 
