@@ -28,6 +28,7 @@ from pie_engine.pie.controller_config import (
 from pie_engine.pie.demand import PeakDemand, device_bytes_for, host_bytes_for
 from pie_engine.pie.evidence import Entry, Evidence, Terms, max_term, mean_iteration
 from pie_engine.pie.geometry import SwapGeometry
+from pie_engine.pie.link_meter import LinkMeter
 from pie_engine.pie.probe import Ceiling, Probe, SpeedTable, better, shrink_pays
 
 
@@ -67,9 +68,8 @@ class ExpansionController:
         self.copies_hid = False  # an iteration at some m > 0 after a grow did not stall: the link can keep up
         # a jump waiting on the link check: (origin, target, why, KV wanted)
         self._link_check: tuple[int, int, str, int] | None = None
-        self.copy_seconds_per_byte: float | None = None  # the link as measured at m > 0 (moving average)
+        self.link = LinkMeter(cfg.link_margin)
         self._changed_at = 0  # the iteration m last changed at
-        self._link_seconds, self._link_bytes = 0.0, 0  # copies measured during the link check
         self._hold_reason = "hold"  # what last_decision says when an update changes nothing
         self.last_decision = "start"
         self.m = self._target_static() if mode == "static" else 0
@@ -110,10 +110,8 @@ class ExpansionController:
             return self.m
         # NOTE: not from a change's own iteration: it issues the next step's swap-ins but resolves only its own, and
         # read as seconds per byte that halved the link's cost (a jump the link could not carry).
-        if self.m > 0 and self._iteration - self._changed_at > 1 and s.copy_seconds > 0 and s.copy_bytes > 0:
-            rate = s.copy_seconds / s.copy_bytes
-            old = self.copy_seconds_per_byte
-            self.copy_seconds_per_byte = rate if old is None else 0.8 * old + 0.2 * rate
+        if self.m > 0 and self._iteration - self._changed_at > 1:
+            self.link.observe(s)
         if self._grown is not None and (verdict := self._grow_stalls(s)) is not None:
             return verdict
         if self._cooldown > 0:
@@ -197,22 +195,20 @@ class ExpansionController:
                 self._grown = None  # it hides (at least once): the window's guards judge it from here
                 self.copies_hid = True
                 return None
-            # A link check judges the link over ``link_check_iterations`` iterations: one step's accounting mixes
-            # the copies it resolved with the ones it issued (seconds per byte read at a third of the link's).
-            self._link_seconds += s.copy_seconds
-            self._link_bytes += s.copy_bytes
+            self.link.add_to_check(s)  # the link is judged over ``link_check_iterations`` iterations
             if self._iteration - started <= cfg.link_check_iterations:
                 return None
             self._grown, self._link_check, self.copies_hid = None, None, True
             origin, target, why, wanted = check
-            if self._link_bytes > 0 and self._link_seconds > 0:
-                self.copy_seconds_per_byte = self._link_seconds / self._link_bytes
-            if (here := self._copy_seconds(self.m, wanted)) > compute:  # hid so far, on a prefix not yet full
-                return self._back_off(f"link check: m = {self.m}'s copies would take {here * 1e3:.0f} ms of a "
-                                      f"{compute * 1e3:.0f} ms step", Probe(origin, self.m, started), whole=True)
+            compute = self.link.settle_check()
+            if not self.link.fits(self.geometry, self.m, wanted, compute):  # hid so far, on a prefix not yet full
+                here = self.link.copy_seconds(self.geometry, self.m, wanted)
+                return self._back_off(f"link check: m = {self.m}'s copies would take {here * 1e3:.0f} ms, over "
+                                      f"{self.link.margin:.0%} of a {compute * 1e3:.0f} ms step",
+                                      Probe(origin, self.m, started), whole=True)
             if target <= self.m:
                 return None
-            if (fits := self._link_cap(target, wanted, compute)) > self.m:
+            if (fits := self.link.cap(self.geometry, self.m, target, wanted, compute)) > self.m:
                 return self._change(fits, f"{why} (copies hid at m = {self.m})", probe_origin=origin)
             self.last_decision = (f"link check: copies hide at m = {self.m}, but the link would not move "
                                   f"m = {self.m + 1}'s within a step")
@@ -240,23 +236,6 @@ class ExpansionController:
         m = self._change(self.m + 1, why)
         self._link_check = (origin, target, reason, wanted)
         return m
-
-    def _link_cap(self, target: int, wanted: int, compute_seconds: float) -> int:
-        """The largest m in [self.m, target] whose per-step copies the measured link moves within
-        ``compute_seconds`` (``_copy_seconds``); ``target`` while the link is unmeasured. NOTE: the copies must fit
-        a step or every step stalls: on a link that slow a jump costs all its layers' copies until the stall rule
-        undoes it (``_grow_stalls``)."""
-        if self.copy_seconds_per_byte is None:
-            return target
-        return max((m for m in range(self.m + 1, target + 1) if self._copy_seconds(m, wanted) <= compute_seconds),
-                   default=self.m)
-
-    def _copy_seconds(self, m: int, wanted: int) -> float:
-        """Link seconds of one step's swap-ins at ``m`` (its host-backed layers, each the blocks in use: at most its
-        capacity and the KV wanted), at the measured seconds per byte (0 while unmeasured)."""
-        g = self.geometry
-        blocks = min(g.capacity_blocks(m), wanted)
-        return (self.copy_seconds_per_byte or 0.0) * g.num_host_backed(m) * blocks * g.layer_block_bytes
 
     def _capacity_need(self) -> str | None:
         """Why an overhead above epsilon is not shed by itself: the KV wanted over the window does not fit at
@@ -332,7 +311,7 @@ class ExpansionController:
     def _grow_target(self, window: list[Entry], ceiling: int) -> int:
         """m + 1, or the smallest m that holds ``grow_headroom`` times the window's peak KV demand when that demand
         is beyond the current capacity (never at or above ``ceiling``, never beyond the host limit, never beyond
-        what the measured link moves within a step: ``_link_cap``). Where the speed
+        what the measured link moves within a step: ``LinkMeter.cap``). Where the speed
         at m is measured the grow is a probe and climbs at most to twice the capacity: copies grow with m, so the
         speed has a peak below the m that holds everything, and a hill-climb in doublings finds it in few probes."""
         g = self.geometry
@@ -345,7 +324,7 @@ class ExpansionController:
                 double = self.required_layers_on_host(2 * g.capacity_blocks(self.m))
                 target = min(target, max(self.m + 1, self.max_layers_on_host if double is None else double))
             compute = sum(e.iteration_seconds - e.stall_seconds for e, _, _ in window) / len(window)
-            target = max(self.m + 1, self._link_cap(target, wanted, compute))  # one layer: a measured step
+            target = max(self.m + 1, self.link.cap(g, self.m, target, wanted, compute))  # one layer: measured
         return min(target, self.max_layers_on_host, ceiling - 1)
 
     def required_layers_on_host(self, blocks: int) -> int | None:
@@ -387,7 +366,7 @@ class ExpansionController:
         self.evidence.clear()
         self._idle.clear()
         self._changed_at = self._iteration
-        self._link_seconds, self._link_bytes = 0.0, 0
+        self.link.restart_check()
         self.speeds.break_batch()
         self._cooldown = self.config.cooldown
 

@@ -78,8 +78,11 @@ class ControllerConfig:
     probe_z: float = 2.0
     probe_stall_iterations: int = 2  # a probe stalling beyond 2 clear_factor epsilon this long is undone at once
     # A first grow (the link check) measures the link over this many iterations after the change's own before the
-    # jump it stands in for (capped at what that link moves within a step: ExpansionController._link_cap).
+    # jump it stands in for (capped at what that link moves within a step: LinkMeter.cap).
     link_check_iterations: int = 4
+    # An m's per-step swap-ins must fit this share of a step's compute: layers' copies hide only behind the layers
+    # the prefetch runs ahead of (link_meter.py; measured: stall = copies - 0.83-1.0 x compute).
+    link_margin: float = 0.8
     speed_ttl: int = 1000  # iterations a speed measurement stays comparable (the load may have changed since)
     payback_seconds: float = 60.0
     max_ceiling_backoff: int = 8  # repeated back-offs lengthen the ceiling's ttl up to this factor
@@ -105,6 +108,8 @@ class ControllerConfig:
         if self.payback_seconds < 0 or self.probe_z < 0:
             raise ValueError(f"need payback_seconds >= 0 and probe_z >= 0, got {self.payback_seconds}, "
                              f"{self.probe_z}")
+        if not 0.0 < self.link_margin <= 1.0:
+            raise ValueError(f"link_margin must be in (0, 1], got {self.link_margin}")
         if self.headroom < 1.0 or self.grow_headroom < 1.0:
             raise ValueError(f"headroom and grow_headroom must be >= 1, got {self.headroom}, {self.grow_headroom}")
 
