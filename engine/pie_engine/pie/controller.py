@@ -28,6 +28,7 @@ from pie_engine.pie.controller_config import (
 from pie_engine.pie.demand import PeakDemand, device_bytes_for, host_bytes_for
 from pie_engine.pie.evidence import Entry, Evidence, Terms, max_term, mean_iteration
 from pie_engine.pie.geometry import SwapGeometry
+from pie_engine.pie.grow_watch import GrowWatch, LinkCheck, Verdict
 from pie_engine.pie.link_meter import LinkMeter
 from pie_engine.pie.probe import Ceiling, Probe, SpeedTable, better, shrink_pays
 
@@ -64,11 +65,8 @@ class ExpansionController:
         # Tokens that moving to a given m would preempt and recompute (the runtime asks the scheduler).
         self.recompute_tokens: Callable[[int], int] = recompute_tokens or (lambda m: 0)
         self._probe: Probe | None = None
-        self._grown: tuple[int, int, int] | None = None  # the last grow (origin, iteration, stalled iterations since)
-        self.copies_hid = False  # an iteration at some m > 0 after a grow did not stall: the link can keep up
-        # a jump waiting on the link check: (origin, target, why, KV wanted)
-        self._link_check: tuple[int, int, str, int] | None = None
         self.link = LinkMeter(cfg.link_margin)
+        self.watch = GrowWatch(cfg, self.link)  # the last grow's first iterations, and the link check
         self._changed_at = 0  # the iteration m last changed at
         self._hold_reason = "hold"  # what last_decision says when an update changes nothing
         self.last_decision = "start"
@@ -112,16 +110,17 @@ class ExpansionController:
         # read as seconds per byte that halved the link's cost (a jump the link could not carry).
         if self.m > 0 and self._iteration - self._changed_at > 1:
             self.link.observe(s)
-        if self._grown is not None and (verdict := self._grow_stalls(s)) is not None:
-            return verdict
+        seen = self.watch.judge(s, self._iteration, self.m, self.geometry) if self.watch.active else None
+        if seen is not None and (m := self._apply(seen)) is not None:
+            return m
         if self._cooldown > 0:
             self._cooldown -= 1
             return self.m
         self.evidence.add(s, self.m, demand)
         self.speeds.add(self.m, self._iteration, s.num_output_tokens, s.iteration_seconds, s.num_requests,
                         s.context_tokens)
-        if self._link_check is not None:
-            return self.m  # the link check decides the next move (_grow_stalls)
+        if self.watch.check is not None:
+            return self.m  # the link check decides the next move
         if len(self.evidence) < cfg.window:
             return self.m
         window = self.evidence.last()
@@ -176,65 +175,27 @@ class ExpansionController:
                                   f"{self.speeds.summary(self.m, self._iteration, self.evidence.conditions())})")
         return None
 
-    def _grow_stalls(self, s: IterationSample) -> int | None:
-        """A grow whose first ``probe_stall_iterations`` iterations (after the change's own, which migrates KV) all
-        stall beyond twice the clear level (a link check: beyond epsilon) is undone at once, cooldown or not: with
-        copies that cannot hide (a slow link) every such iteration costs a multiple of one without swapping, and a
-        window of evidence would cost more than the grow could ever win."""
-        cfg = self.config
-        assert self._grown is not None
-        origin, started, stalled = self._grown
-        if self._iteration - started <= 1:
-            return None
-        # NOTE: a link check must show copies that hide (stall within epsilon): it decides whether expansion is worth
-        # trying on this link at all, and a jump after a check that stalled 15% went on stalling (throttled tiny).
-        limit = cfg.epsilon if self._link_check is not None else 2 * cfg.clear_factor * cfg.epsilon
-        compute = s.iteration_seconds - s.stall_seconds
-        if s.stall_seconds <= limit * max(compute, 1e-12):
-            if (check := self._link_check) is None:
-                self._grown = None  # it hides (at least once): the window's guards judge it from here
-                self.copies_hid = True
-                return None
-            self.link.add_to_check(s)  # the link is judged over ``link_check_iterations`` iterations
-            if self._iteration - started <= cfg.link_check_iterations:
-                return None
-            self._grown, self._link_check, self.copies_hid = None, None, True
-            origin, target, why, wanted = check
-            compute = self.link.settle_check()
-            if not self.link.fits(self.geometry, self.m, wanted, compute):  # hid so far, on a prefix not yet full
-                here = self.link.copy_seconds(self.geometry, self.m, wanted)
-                return self._back_off(f"link check: m = {self.m}'s copies would take {here * 1e3:.0f} ms, over "
-                                      f"{self.link.margin:.0%} of a {compute * 1e3:.0f} ms step",
-                                      Probe(origin, self.m, started), whole=True)
-            if target <= self.m:
-                return None
-            if (fits := self.link.cap(self.geometry, self.m, target, wanted, compute)) > self.m:
-                return self._change(fits, f"{why} (copies hid at m = {self.m})", probe_origin=origin)
-            self.last_decision = (f"link check: copies hide at m = {self.m}, but the link would not move "
-                                  f"m = {self.m + 1}'s within a step")
-            return None
-        stalled += 1
-        self._grown = (origin, started, stalled)
-        if stalled < cfg.probe_stall_iterations:
-            return None
-        # Nothing above the origin for a while: copies that slow stall at any m the controller would try next.
-        fraction = s.stall_seconds / s.iteration_seconds
-        return self._back_off(f"grow stalls: {fraction:.2f} of iteration {stalled} at m = {self.m}",
-                              Probe(origin, self.m, started), whole=True)
+    def _apply(self, v: Verdict) -> int | None:
+        """Carry out the grow watch's verdict: the m to run at next, or None (go on with this update)."""
+        if v.kind == "back_off":
+            return self._back_off(v.reason, Probe(v.origin, self.m, v.started), whole=True)
+        if v.kind == "jump":
+            return self._change(v.m, v.reason, probe_origin=v.origin)
+        self.last_decision = v.reason
+        return None
 
     def _grow(self, target: int, reason: str, wanted: int) -> int:
         """Grow to ``target``. Before copies were ever seen to hide, a grow is a link check: one layer first, undone
-        at once if it stalls beyond epsilon, else on to ``target`` (as far as the link allows) at its first iteration
-        that does not (``_grow_stalls``).
+        at once if it stalls beyond epsilon, else on to ``target`` (as far as the link allows) once its iterations
+        measured the link (grow_watch.py).
         NOTE: where the link cannot keep up, m + 1 costs one layer's copies for the few iterations _grow_stalls
         takes to undo it; the jump costs all of its layers', and undoing it preempts everything admitted meanwhile
         (tiny model, PCIe-like throttle: a jump to m = 4 and back served 0.83x the tokens of --expansion off)."""
-        if self.copies_hid:
+        if self.watch.copies_hid:
             return self._change(target, reason)
-        origin = self.m
         why = reason if target <= self.m + 1 else f"{reason}; m = {target} once copies hide here"
-        m = self._change(self.m + 1, why)
-        self._link_check = (origin, target, reason, wanted)
+        origin, m = self.m, self._change(self.m + 1, why)
+        self.watch.start(origin, self._iteration, LinkCheck(target, reason, wanted))
         return m
 
     def _capacity_need(self) -> str | None:
@@ -340,7 +301,8 @@ class ExpansionController:
         (correctness before latency). No-op when already there or not adaptive. Returns the m to apply."""
         if self.mode == "adaptive" and m > self.m:
             self._change(m, reason)
-            self._probe = self._grown = None  # needed, not tried: neither a verdict nor a stall may undo it
+            self._probe = None  # needed, not tried: neither a verdict nor a stall may undo it
+            self.watch.stop()
         return self.m
 
     def _change(self, m: int, reason: str, probe_origin: int | None = None) -> int:
@@ -349,12 +311,14 @@ class ExpansionController:
             self.num_grows += 1
         else:
             self.num_shrinks += 1
-        self._link_check = None
         # A grow is a probe when the speed it left is measured (nothing to compare with otherwise).
         origin = self.m if probe_origin is None else probe_origin
         measured = m > self.m and self.speeds.estimate(origin, self._iteration, self.evidence.conditions()) is not None
         self._probe = Probe(origin, m, self._iteration) if measured else None
-        self._grown = (self.m, self._iteration, 0) if m > self.m else None
+        if m > self.m:
+            self.watch.start(self.m, self._iteration)
+        else:
+            self.watch.stop()
         self._previous_m, self.m = self.m, m
         self.last_decision = f"m -> {m}: {reason}"
         self.changes = (*self.changes[-15:], (self._iteration, m, reason))
@@ -382,7 +346,8 @@ class ExpansionController:
         previous = self._previous_m if self.m == m else self.m
         if m > previous:
             self.max_layers_on_host = min(self.max_layers_on_host, m - 1)
-        self.m, self._probe, self._grown, self._link_check = previous, None, None, None
+        self.m, self._probe = previous, None
+        self.watch.stop()
         self.last_decision = f"m = {m} rejected by the engine"
         return self.m
 
