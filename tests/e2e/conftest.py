@@ -8,13 +8,15 @@ order: `PIE_TEST_ORDER=reverse pytest -m e2e ...` runs them backwards to show it
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.cluster.cluster import Cluster
-from tests.e2e.helpers import delete_namespace, new_namespace
+from tests.e2e.helpers import PYTHONPATH, delete_namespace, new_namespace
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,6 +44,22 @@ def k8s_namespace(k8s: Cluster) -> Iterator[str]:
     name = new_namespace(k8s, "t")
     yield name
     delete_namespace(k8s, name)
+
+
+@pytest.fixture
+def ns(k8s_namespace: str) -> str:
+    """The test's namespace (short name)."""
+    return k8s_namespace
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint on disk for real engines, built once (read-only: the engines only load it)."""
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    # hidden 256: 16 KiB of KV per block and layer, so the host KV the load needs is a few MiB (a clear signal)
+    subprocess.run([sys.executable, "-m", "pie_engine", "make-test-model", "--out", str(out), "--hidden", "256"],
+                   check=True, cwd=REPO, env={"PYTHONPATH": PYTHONPATH, "PATH": "/usr/bin:/bin"}, capture_output=True)
+    return out
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,6 +53,19 @@ class Operator:
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
+
+
+@contextmanager
+def running_operator(k8s: Cluster, namespace: str, tmp_path: Path, *flags: str) -> Iterator[Operator]:
+    """The operator running for one test (``flags``: its timing), stopped afterwards with its log's tail printed
+    (pytest shows it for a failed test)."""
+    op = Operator(k8s, namespace, tmp_path / "operator.log", *flags)
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        print(f"--- operator log ({op.log}) ---\n{op.tail()}")
 
 
 def wait_for(fn: Callable[[], T], what: str, timeout: float = 45.0, op: Operator | None = None,

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ import pytest
 from pie_operator.quantity import parse_bytes
 from tests.cluster.cluster import Cluster
 from tests.e2e.engines import EngineFleet, Load
-from tests.e2e.helpers import PYTHONPATH, REPO, Operator, condition, events, get, wait_for
+from tests.e2e.helpers import Operator, condition, events, get, running_operator, wait_for
 
 pytestmark = pytest.mark.e2e
 # NOTE: every local cluster hands out the same pod IPs (127.0.<node+1>.x): a random port keeps these engines apart
@@ -55,30 +53,10 @@ def deployment(name: str, replicas: int, **spec: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def ns(k8s_namespace: str) -> str:
-    return k8s_namespace
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny checkpoint on disk, built once (read-only: the engines only load it)."""
-    out = tmp_path_factory.mktemp("model") / "tiny"
-    # hidden 256: 16 KiB of KV per block and layer, so the host KV the load needs is a few MiB (a clear signal)
-    subprocess.run([sys.executable, "-m", "pie_engine", "make-test-model", "--out", str(out), "--hidden", "256"],
-                   check=True, cwd=REPO, env={"PYTHONPATH": PYTHONPATH, "PATH": "/usr/bin:/bin"}, capture_output=True)
-    return out
-
-
-@pytest.fixture
 def operator(k8s: Cluster, ns: str, tmp_path: Path) -> Iterator[Operator]:
-    op = Operator(k8s, ns, tmp_path / "operator.log", "--resync-seconds", "2",
-                  "--metrics-interval-seconds", "1", "--metrics-timeout-seconds", "1")
-    op.start()
-    try:
+    flags = ("--resync-seconds", "2", "--metrics-interval-seconds", "1", "--metrics-timeout-seconds", "1")
+    with running_operator(k8s, ns, tmp_path, *flags) as op:
         yield op
-    finally:
-        op.stop()
-        print(f"--- operator log ({op.log}) ---\n{op.tail()}")
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from tests.cluster.cluster import Cluster
 from tests.cluster.components import audit_log
 from tests.cluster.faults import restart
 from tests.e2e.engines import EngineFleet, Load
-from tests.e2e.helpers import Operator, condition, events, get, wait_for
-from tests.e2e.test_closed_loop import LOOP, deployment, fleet, model, ready  # noqa: F401 -- fixtures
+from tests.e2e.helpers import Operator, condition, events, get, running_operator, wait_for
+from tests.e2e.test_closed_loop import LOOP, deployment, fleet, ready  # noqa: F401 -- fixtures
 from tests.e2e.test_closed_loop import PORT as ENGINE_PORT
 from tests.e2e.test_operator import NAME, apply_minimal, converged, engine_pods, patch
 
@@ -33,21 +33,11 @@ WRITES = ("create", "update", "patch", "delete", "deletecollection")
 
 
 @pytest.fixture
-def ns(k8s_namespace: str) -> str:
-    return k8s_namespace
-
-
-@pytest.fixture
 def operator(k8s: Cluster, ns: str, tmp_path: Path) -> Iterator[Operator]:
     # (a generous scrape timeout: a scrape that times out on this loaded machine is a real change of status)
-    op = Operator(k8s, ns, tmp_path / "operator.log", "--resync-seconds", "2", "--metrics-interval-seconds", "1",
-                  "--metrics-timeout-seconds", "5")
-    op.start()
-    try:
+    flags = ("--resync-seconds", "2", "--metrics-interval-seconds", "1", "--metrics-timeout-seconds", "5")
+    with running_operator(k8s, ns, tmp_path, *flags) as op:
         yield op
-    finally:
-        op.stop()
-        print(f"--- operator log ({op.log}) ---\n{op.tail()}")
 
 
 def _at(timestamp: str) -> float:

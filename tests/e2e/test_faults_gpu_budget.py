@@ -17,8 +17,8 @@ import pytest
 
 from tests.cluster.cluster import Cluster
 from tests.e2e.engines import EngineFleet, Load
-from tests.e2e.helpers import Operator, events, get, wait_for
-from tests.e2e.test_closed_loop import LOOP, PORT, apply_loop, deployment, model, patch, pods  # noqa: F401
+from tests.e2e.helpers import Operator, events, get, running_operator, wait_for
+from tests.e2e.test_closed_loop import LOOP, PORT, apply_loop, deployment, fleet, patch, pods  # noqa: F401 -- fixtures
 
 pytestmark = pytest.mark.e2e
 Ki = 2**10
@@ -28,31 +28,14 @@ SMALL = "64Ki"
 
 
 @pytest.fixture
-def ns(k8s_namespace: str) -> str:
-    return k8s_namespace
-
-
-@pytest.fixture
 def operator(k8s: Cluster, ns: str, tmp_path: Path) -> Iterator[Operator]:
-    op = Operator(k8s, ns, tmp_path / "operator.log", "--resync-seconds", "2",
-                  "--metrics-interval-seconds", "1", "--metrics-timeout-seconds", "1")
-    op.start()
-    try:
+    flags = ("--resync-seconds", "2", "--metrics-interval-seconds", "1", "--metrics-timeout-seconds", "1")
+    with running_operator(k8s, ns, tmp_path, *flags) as op:
         yield op
-    finally:
-        op.stop()
-        print(f"--- operator log ({op.log}) ---\n{op.tail()}")
-
-
-@pytest.fixture
-def fleet(k8s: Cluster, ns: str, model: Path, tmp_path: Path) -> Iterator[EngineFleet]:  # noqa: F811
-    with EngineFleet(k8s, ns, LOOP, model, tmp_path / "engines") as f:
-        yield f
-        print(f"--- engine logs ---\n{f.logs()}")
 
 
 def test_busy_engine_keeps_its_pod_and_takes_the_budget_once_idle(k8s: Cluster, ns: str, operator: Operator,
-                                                                  fleet: EngineFleet) -> None:
+                                                                  fleet: EngineFleet) -> None:  # noqa: F811 -- the fixture
     memory = deployment(LOOP, 1)["spec"]["memory"] | {"expansion": {"mode": "off"}}
     apply_loop(k8s, ns, operator, 1, memory=memory)
     (pod,) = pods(k8s, ns, LOOP)

@@ -19,7 +19,7 @@ import pytest
 
 from pie_operator.resize import qos_change
 from tests.cluster.cluster import Cluster
-from tests.e2e.helpers import Operator, events, get, wait_for
+from tests.e2e.helpers import Operator, events, get, running_operator, wait_for
 from tests.e2e.test_operator import NAME, apply_minimal, converged, engine_pods, patch
 
 pytestmark = pytest.mark.e2e
@@ -28,19 +28,9 @@ LABEL = "pie.test/resize"
 
 
 @pytest.fixture
-def ns(k8s_namespace: str) -> str:
-    return k8s_namespace
-
-
-@pytest.fixture
 def operator(k8s: Cluster, ns: str, tmp_path: Path) -> Iterator[Operator]:
-    op = Operator(k8s, ns, tmp_path / "operator.log", "--resync-seconds", "5", "--metrics-interval-seconds", "1")
-    op.start()
-    try:
+    with running_operator(k8s, ns, tmp_path, "--resync-seconds", "5", "--metrics-interval-seconds", "1") as op:
         yield op
-    finally:
-        op.stop()
-        print(f"--- operator log ({op.log}) ---\n{op.tail()}")
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ import pytest
 
 from tests.cluster.cluster import Cluster
 from tests.e2e.engines import EngineFleet
-from tests.e2e.helpers import PYTHONPATH, REPO, Operator, events, get, wait_for
+from tests.e2e.helpers import Operator, events, get, running_operator, wait_for
 from tests.e2e.test_closed_loop import PORT, deployment, patch, ready
 
 pytestmark = pytest.mark.e2e
@@ -34,29 +32,10 @@ KWOK_PORT = random.randint(40000, 44999)  # nothing listens behind kwok-only pod
 
 
 @pytest.fixture
-def ns(k8s_namespace: str) -> str:
-    return k8s_namespace
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny checkpoint on disk for the real engines (as in test_closed_loop)."""
-    out = tmp_path_factory.mktemp("model") / "tiny"
-    subprocess.run([sys.executable, "-m", "pie_engine", "make-test-model", "--out", str(out), "--hidden", "256"],
-                   check=True, cwd=REPO, env={"PYTHONPATH": PYTHONPATH, "PATH": "/usr/bin:/bin"}, capture_output=True)
-    return out
-
-
-@pytest.fixture
 def operator(k8s: Cluster, ns: str, tmp_path: Path) -> Iterator[Operator]:
-    op = Operator(k8s, ns, tmp_path / "operator.log", "--resync-seconds", "2",
-                  "--metrics-interval-seconds", "1", "--metrics-timeout-seconds", "1")
-    op.start()
-    try:
+    flags = ("--resync-seconds", "2", "--metrics-interval-seconds", "1", "--metrics-timeout-seconds", "1")
+    with running_operator(k8s, ns, tmp_path, *flags) as op:
         yield op
-    finally:
-        op.stop()
-        print(f"--- operator log ({op.log}) ---\n{op.tail()}")
 
 
 def live_pods(k8s: Cluster, ns: str, name: str = NAME) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.cluster.cluster import Cluster
-from tests.e2e.helpers import REPO, Operator, condition, get, wait_for
+from tests.e2e.helpers import REPO, Operator, condition, get, running_operator, wait_for
 
 pytestmark = pytest.mark.e2e
 NAME = "tiny"
@@ -26,19 +26,9 @@ PORT = random.randint(30000, 39999)
 
 
 @pytest.fixture
-def ns(k8s_namespace: str) -> str:
-    return k8s_namespace
-
-
-@pytest.fixture
 def operator(k8s: Cluster, ns: str, tmp_path: Path) -> Iterator[Operator]:
-    op = Operator(k8s, ns, tmp_path / "operator.log", "--resync-seconds", "5", "--metrics-interval-seconds", "1")
-    op.start()
-    try:
+    with running_operator(k8s, ns, tmp_path, "--resync-seconds", "5", "--metrics-interval-seconds", "1") as op:
         yield op
-    finally:
-        op.stop()
-        print(f"--- operator log ({op.log}) ---\n{op.tail()}")
 
 
 def apply_minimal(k8s: Cluster, ns: str) -> None:
