@@ -87,6 +87,7 @@ class Observations:
         self._pods: dict[Key, dict[str, _PodRecord]] = {}
         self._targets: dict[Key, tuple[int, tuple[PodTarget, ...]]] = {}
         self._windows: dict[Key, float] = {}
+        self._evaluated: dict[Key, float] = {}
 
     def set_targets(self, key: Key, port: int, pods: list[PodTarget], window_seconds: float = 1800.0) -> None:
         """The pods of one PieDeployment (the Ready ones are scraped from now on) and how long their samples are kept
@@ -107,6 +108,16 @@ class Observations:
             self._targets.pop(key, None)
             self._pods.pop(key, None)
             self._windows.pop(key, None)
+            self._evaluated.pop(key, None)
+
+    def evaluated(self, key: Key) -> float | None:
+        """When a pass last evaluated the autoscaler's windows of `key` (scaling.py; None: not since this started)."""
+        with self._lock:
+            return self._evaluated.get(key)
+
+    def set_evaluated(self, key: Key, at: float) -> None:
+        with self._lock:
+            self._evaluated[key] = at
 
     def targets(self) -> list[tuple[Key, int, tuple[PodTarget, ...]]]:
         with self._lock:

@@ -87,6 +87,8 @@ def reconcile(kube: Kube, namespace: str, name: str, *, now: datetime | None = N
         out.status = desired_status(snap, plan, pods, out.learned, out.decisions, stopped=out.requeue)
         _creation(kube, snap, out, held, wait)
         out.status_written = write_status(kube, body, snap.previous, out.status)
+        if observations is not None and plan.scaling is not None and plan.scaling.evaluated:
+            observations.set_evaluated((namespace, name), now.timestamp())  # (the windows' continuity: scaling.py)
         return out
     except ApiException as e:
         _report(kube, body, e, now)

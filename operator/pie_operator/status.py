@@ -15,6 +15,7 @@ from pie_operator.planning import Pod, is_finished, is_ready, is_terminating, me
 from pie_operator.quantity import format_bytes
 from pie_operator.resize import DONE, actual_memory, resize_state
 from pie_operator.rollout import PAUSED, ROLLED_BACK, RolloutState
+from pie_operator.scaling import AUTOSCALER_CONFLICT
 from pie_operator.scrape import Observation
 from pie_operator.tuning import (
     GPU_ATTEMPTS,
@@ -210,7 +211,7 @@ def condition_events(previous: dict[str, Any], status: dict[str, Any]) -> list[t
                 old is not None and old.get("status") == c["status"] and old.get("reason") == c["reason"]):
             continue
         bad = c["reason"] in ("ProgressDeadlineExceeded", "InvalidSpec") or (
-            c["type"] in ("Degraded", MEMORY_MODE_CONDITION) and c["status"] == "True") or (
+            c["type"] in ("Degraded", MEMORY_MODE_CONDITION, AUTOSCALER_CONFLICT) and c["status"] == "True") or (
             c["type"] == "Ready" and c["status"] == "False" and old is not None and old.get("status") == "True"
             and not expected_drop)
         if (old is None and not bad) or c["reason"] in posted:
@@ -247,6 +248,7 @@ def create_rejected_status(status: dict[str, Any], message: str, generation: int
 # only in these is not written (they are refreshed with the next real change; live values are on /metrics).
 VOLATILE_POD_FIELDS = ("expansionRatio", "hostKVUsed")
 VOLATILE_MEMORY_FIELDS = ("expansionRatio",)
+VOLATILE_AUTOSCALING_FIELDS = ("message",)  # the policy's hold message counts the seconds a window has run
 
 
 def without_volatile(status: dict[str, Any]) -> dict[str, Any]:
@@ -255,6 +257,7 @@ def without_volatile(status: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out.get("pods"), list):
         out["pods"] = [{k: v for k, v in p.items() if k not in VOLATILE_POD_FIELDS} if isinstance(p, dict) else p
                        for p in out["pods"]]
-    if isinstance(out.get("memory"), dict):
-        out["memory"] = {k: v for k, v in out["memory"].items() if k not in VOLATILE_MEMORY_FIELDS}
+    for key, volatile in (("memory", VOLATILE_MEMORY_FIELDS), ("autoscaling", VOLATILE_AUTOSCALING_FIELDS)):
+        if isinstance(out.get(key), dict):
+            out[key] = {k: v for k, v in out[key].items() if k not in volatile}
     return out
