@@ -52,6 +52,7 @@ class Scaling:
     status: dict[str, Any] | None = None  # status.autoscaling; None: autoscaling is off (removed from the status)
     conflict: tuple[bool, str, str] | None = None  # AutoscalerConflict (status, reason, message); None: no condition
     loads: tuple[PodLoad, ...] = ()  # the pods as the policy saw them (the operator's /metrics)
+    recommended: int = 0  # what the policy wants at this instant, windows aside (for an HPA / KEDA: exporter.py)
     decision: autoscale.Decision | None = None  # None: not evaluated (autoscaling is off)
 
     @property
@@ -63,22 +64,21 @@ def scale(spec: PieDeploymentSpec, pods: list[Pod], views: Mapping[str, PodView]
           *, evaluated_at: float | None, now: float) -> Scaling:
     """The replica side of a pass at `now` (module docstring). `previous`: status.autoscaling as the last pass left
     it; `evaluated_at`: when this operator last evaluated the windows (None: not since it started)."""
-    a = spec.autoscaling
-    if not a.enabled:
-        return Scaling(spec.replicas)
-    prev = previous or {}
-    desired = int(prev.get("desiredReplicas") or spec.replicas)  # (the first pass starts where spec.replicas is)
-    baseline = int(prev.get("specReplicas", spec.replicas))
-    conflict_at = parse_ts(prev.get("conflictAt"))
-    if spec.replicas != baseline:
-        conflict_at = now
+    a, prev = spec.autoscaling, previous or {}
     live = {p["metadata"]["name"]: p for p in pods if not is_terminating(p) and not is_finished(p)}
     draining = {e["pod"]: parse_ts(e.get("since")) or now for e in prev.get("draining") or []
-                if e.get("pod") in live}
+                if e.get("pod") in live} if a.enabled else {}
     mode, host_max = spec.memory.expansion.mode, spec.memory.host_memory.max
     loads = tuple(pod_load(p, views.get(name), draining=name in draining, mode=mode,
                            host_max=None if host_max is None else parse_bytes(host_max))
                   for name, p in sorted(live.items()))
+    if not a.enabled:  # (the loads and what the policy would want are still exported: exporter.py)
+        return Scaling(spec.replicas, loads=loads, recommended=autoscale.recommend(a.policy(), spec.replicas, loads,
+                                                                                   now))
+    desired = int(prev.get("desiredReplicas") or spec.replicas)  # (the first pass starts where spec.replicas is)
+    conflict_at = parse_ts(prev.get("conflictAt"))
+    if spec.replicas != int(prev.get("specReplicas", spec.replicas)):
+        conflict_at = now
     d = autoscale.decide(a.policy(), desired, loads, AutoscaleState(
         parse_ts(prev.get("upSince")), parse_ts(prev.get("downSince")), evaluated_at), now)
     record = None
@@ -93,7 +93,7 @@ def scale(spec: PieDeploymentSpec, pods: list[Pod], views: Mapping[str, PodView]
               "draining": [{"pod": name, "since": ts(since)} for name, since in sorted(draining.items())],
               "conflictAt": _ts(conflict_at)}
     return Scaling(d.replicas, frozenset(draining), delete, record, status, _conflict(conflict_at, now, d.replicas),
-                   loads, d)
+                   loads, autoscale.recommend(a.policy(), desired, loads, now), d)
 
 
 def _ts(t: float | None) -> str:

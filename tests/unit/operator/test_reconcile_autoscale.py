@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 from pie_operator.builders import SERVING_LABEL
+from pie_operator.exporter import Exporter
 from pie_operator.observe import Observations
 from pie_operator.reconcile import Outcome, reconcile
 from pie_operator.scaling import AUTOSCALER_CONFLICT, CONFLICT_HOLD, DRAIN_SETTLE
@@ -30,6 +31,7 @@ class World:
 
     def __init__(self, replicas: int = 1, **autoscaling: Any) -> None:
         self.kube, self.store, self.t = FakeKube(), Observations(), 0.0
+        self.exporter: Exporter | None = None
         self.kube.add_deployment(NS, NAME, spec(replicas=replicas, autoscaling={**AUTO, **autoscaling}))
         self.settle()
 
@@ -43,7 +45,8 @@ class World:
 
     def run(self, dt: float = 15) -> Outcome:
         self.t += dt
-        out = reconcile(self.kube, NS, NAME, now=T0 + timedelta(seconds=self.t), observations=self.store)
+        out = reconcile(self.kube, NS, NAME, now=T0 + timedelta(seconds=self.t), observations=self.store,
+                        exporter=self.exporter)
         assert out is not None
         return out
 
