@@ -178,7 +178,7 @@ def desired_status(snap: Snapshot, plan: ReconcilePlan, pods: list[Pod], learned
         generation=snap.generation, selector=snap.selector,
         memory=(previous.get("memory") or plan.status_memory) if stopped else plan.status_memory,
         previous=previous, now=snap.now, rollout=plan.rollout, observations={p: v.last for p, v in snap.views.items()},
-        memo=memo, decisions=decisions)
+        memo=memo, decisions=decisions, draining=plan.scaling.draining if plan.scaling is not None else frozenset())
     if label := snap.config.memory_mode_label:  # only where the operator was told which node label to read
         mode = memory_mode_condition(memory_mode_problems(pods, snap.node_modes, label), label)
         status["conditions"].append(condition(MEMORY_MODE_CONDITION, *mode, snap.generation,

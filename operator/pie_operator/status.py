@@ -90,17 +90,21 @@ def metrics_condition(pods: list[Pod], observations: dict[str, Observation | Non
 def compute_status(*, name: str, pods: list[Pod], replicas: int, desired_revision: str, generation: int,
                    selector: str, memory: dict[str, str], previous: dict[str, Any], now: datetime,
                    rollout: RolloutState | None = None, observations: dict[str, Observation | None] | None = None,
-                   memo: dict[str, dict[str, Any]] | None = None, decisions: list[dict[str, Any]] | None = None
-                   ) -> dict[str, Any]:
+                   memo: dict[str, dict[str, Any]] | None = None, decisions: list[dict[str, Any]] | None = None,
+                   draining: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The whole status (everything but status.kopf). `desired_revision`: the revision pods converge to (the
-    rollout's target); `memory`: {hostMemoryRequest, gpuMemoryBudget, expansionRatio} of new pods."""
+    rollout's target); `memory`: {hostMemoryRequest, gpuMemoryBudget, expansionRatio} of new pods; `draining`: pods
+    the autoscaler is draining (scaling.py): they exist, but are no longer replicas, so readiness is judged without
+    them (a scale-down is not a drop in readiness)."""
     rollout = rollout or RolloutState(revision=desired_revision)
     observations, memo = observations or {}, memo or {}
     live = sorted((p for p in pods if not is_terminating(p)), key=lambda p: p["metadata"]["name"])
     running = [p for p in live if not is_finished(p)]
-    ready = [p for p in running if is_ready(p)]
-    updated = [p for p in running if revision(p) == desired_revision]
-    outdated = [p for p in running if revision(p) != desired_revision]
+    staying = [p for p in running if p["metadata"]["name"] not in draining]
+    leaving = sorted(p["metadata"]["name"] for p in running if p["metadata"]["name"] in draining)
+    ready = [p for p in staying if is_ready(p)]
+    updated = [p for p in staying if revision(p) == desired_revision]
+    outdated = [p for p in staying if revision(p) != desired_revision]
     waiting_gate = [p for p in ready if p["metadata"]["name"] not in rollout.passed]
     prev_conds = previous.get("conditions") or []
 
@@ -115,15 +119,18 @@ def compute_status(*, name: str, pods: list[Pod], replicas: int, desired_revisio
             problems.append(("Unschedulable", f"pod {p['metadata']['name']} cannot be scheduled: {msg}"))
             break
 
-    converged = len(updated) == replicas and not outdated and len(running) == replicas
+    converged = len(updated) == replicas and not outdated and len(staying) == replicas
     all_ready = len(ready) >= replicas and converged and not waiting_gate
     if outdated:
         prog_reason, prog_msg = "RollingUpdate", (f"{len(updated)}/{replicas} pods on revision {desired_revision}, "
                                                   f"{len(outdated)} outdated")
-    elif len(running) < replicas:
-        prog_reason, prog_msg = "ScalingUp", f"{len(running)}/{replicas} pods exist"
-    elif len(running) > replicas:
-        prog_reason, prog_msg = "ScalingDown", f"{len(running)} pods exist, {replicas} desired"
+    elif len(staying) < replicas:
+        prog_reason, prog_msg = "ScalingUp", f"{len(staying)}/{replicas} pods exist"
+    elif len(staying) > replicas:
+        prog_reason, prog_msg = "ScalingDown", f"{len(staying)} pods exist, {replicas} desired"
+    elif leaving:
+        prog_reason, prog_msg = "Draining", (f"draining {', '.join(leaving)}: deleted once their requests finished "
+                                             f"({replicas} replica{'' if replicas == 1 else 's'} serve)")
     elif len(ready) < replicas:
         prog_reason, prog_msg = "WaitingForReady", f"{len(ready)}/{replicas} pods ready"
     elif waiting_gate:

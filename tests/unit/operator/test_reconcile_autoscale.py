@@ -130,6 +130,10 @@ def test_scale_down_drains_first_then_deletes() -> None:
     assert [e["pod"] for e in w.autoscaling["draining"]] == [idle] and ("label", idle) in w.kube.writes
     labels = {p["metadata"]["name"]: p["metadata"]["labels"].get(SERVING_LABEL) for p in pods(w.kube)}
     assert labels == {busy: "true", idle: None}  # the Service no longer selects it
+    progressing = w.condition("Progressing")
+    assert progressing is not None and progressing["reason"] == "Draining" and idle in progressing["message"]
+    assert status(w.kube)["phase"] == "Ready" and status(w.kube)["ready"] == "1/1"  # a scale-down is no outage
+    assert [r for t, r, _ in w.kube.events if t == "Warning"] == []
     (event,) = w.events("ReplicaDecision")
     assert event.startswith("replicas 2 -> 1 (ScaleDown: queue depth 0/replica") and event.endswith(
         f"applied: draining {idle}"), event
