@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 QUEUE_DEPTH, TTFT, TPOT = "QueueDepth", "TTFT", "TPOT"
 TARGETS = (QUEUE_DEPTH, TTFT, TPOT)
-# Decision reasons (Event reasons later).
+# Decision reasons (status.autoscaling.reason; status.decisions[].reason of a change of the count).
 SCALE_UP, SCALE_DOWN, BOUNDS, SETTLING, NO_METRICS, HOLD = (
     "ScaleUp", "ScaleDown", "Bounds", "Settling", "NoMetrics", "Hold")
 

@@ -81,6 +81,7 @@ def reconcile(kube: Kube, namespace: str, name: str, *, now: datetime | None = N
             # The engine gate needs a served probe request: sent to the pods that have not passed it yet.
             model = (snap.spec.model.served_model_name or name) if snap.spec.rollout.gate.engine_health else ""
             passed = set(plan.rollout.passed) if plan.rollout is not None else set()
+            passed |= plan.scaling.draining if plan.scaling is not None else set()  # (leaving: no gate to pass)
             observations.set_targets((namespace, name), snap.spec.engine.port, [
                 PodTarget(p["metadata"]["name"], p["metadata"]["uid"], p.get("status", {}).get("podIP", ""),
                           is_ready(p), "" if p["metadata"]["name"] in passed else model)

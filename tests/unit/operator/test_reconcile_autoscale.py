@@ -12,7 +12,7 @@ from pie_operator.exporter import Exporter
 from pie_operator.observe import Observations
 from pie_operator.reconcile import Outcome, reconcile
 from pie_operator.scaling import AUTOSCALER_CONFLICT, CONFLICT_HOLD, DRAIN_SETTLE
-from pie_operator.scrape import REQUIRED, EngineMetrics, Observation
+from pie_operator.scrape import PROBE_OK, REQUIRED, EngineMetrics, Observation
 from tests.unit.operator.fake_kube import T0, FakeKube
 from tests.unit.operator.test_reconcile import NAME, NS, cluster_writes, pods, spec, status
 
@@ -29,10 +29,13 @@ def engine(waiting: int = 0, running: int = 0, headroom: int = 0, kv: float = 0.
 class World:
     """A PieDeployment with autoscaling, converged, and its engines as the operator scrapes them; `t` is seconds."""
 
-    def __init__(self, replicas: int = 1, **autoscaling: Any) -> None:
+    def __init__(self, replicas: int = 1, gate: bool = False, **autoscaling: Any) -> None:
+        """`gate`: the rollout gate asks for engine health and a served probe request (which every scrape here
+        reports served)."""
         self.kube, self.store, self.t = FakeKube(), Observations(), 0.0
         self.exporter: Exporter | None = None
-        self.kube.add_deployment(NS, NAME, spec(replicas=replicas, autoscaling={**AUTO, **autoscaling}))
+        self.kube.add_deployment(NS, NAME, spec(replicas=replicas, autoscaling={**AUTO, **autoscaling},
+                                                **{"rollout.gate.engineHealth": gate}))
         self.settle()
 
     def settle(self) -> None:
@@ -55,7 +58,8 @@ class World:
         at = (T0 + timedelta(seconds=self.t)).timestamp()
         for key, _, targets in self.store.targets():
             for target in targets:
-                self.store.record(key, target, Observation(at, metrics=by_pod.get(target.name, default or engine())))
+                self.store.record(key, target, Observation(at, metrics=by_pod.get(target.name, default or engine()),
+                                                           probe=PROBE_OK if target.probe else ""))
 
     def names(self) -> list[str]:
         return sorted(p["metadata"]["name"] for p in pods(self.kube))
@@ -151,6 +155,17 @@ def test_scale_down_drains_first_then_deletes() -> None:
     w.scrape(engine(running=4))
     w.run()
     assert w.names() == [busy] and w.autoscaling["desiredReplicas"] == 1  # nothing recreates it
+
+
+def test_a_draining_pod_is_sent_no_probe_request() -> None:
+    """The gate's probe completion goes to pods that have not passed their gate; a draining pod is leaving, not
+    waiting for a gate, and a request sent to it would only keep its drain from finishing."""
+    w = World(replicas=2, gate=True, scaleDown={"windowSeconds": 0})
+    w.scrape()
+    w.run()  # the probes answered (both pass their gate); nothing in flight: one replica holds it
+    (leaving,) = [e["pod"] for e in w.autoscaling["draining"]]
+    ((_, _, targets),) = w.store.targets()
+    assert {t.name: t.probe for t in targets} == {name: "" for name in w.names()} and leaving in w.names()
 
 
 def test_a_drain_that_does_not_finish_ends_at_the_timeout() -> None:
