@@ -17,9 +17,11 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from pie_operator import builders
-from pie_operator.decide import GpuLive, MemoryAction, ReconcilePlan, Record
+from pie_operator.decide import GpuLive, MemoryAction, ReconcilePlan
 from pie_operator.k8s import Kube
 from pie_operator.planning import Plan
+from pie_operator.records import Record
+from pie_operator.scaling import DRAIN_TIMEOUT
 from pie_operator.scrape import AdminResult, set_gpu_budget
 from pie_operator.snapshot import Snapshot
 from pie_operator.status import condition_events, without_volatile
@@ -37,6 +39,9 @@ from pie_operator.tuning import (
 
 log = logging.getLogger(__name__)
 HISTORY = 20  # status.decisions keeps the last this many
+DECISIONS = {  # status.decisions[].field -> (what it is called, the Event's reason)
+    "memory": ("memory request", "MemoryDecision"), "gpuMemoryBudget": ("GPU memory budget", "GPUBudgetDecision"),
+    "replicas": ("replicas", "ReplicaDecision")}
 # The apiserver's definite no, which retrying cannot change: 400/422 (validation or a webhook, e.g. a resize that
 # would change the QoS class), 403 (quota, Pod Security, RBAC). Everything else is treated as transient.
 REFUSED = (400, 403, 422)
@@ -75,12 +80,11 @@ class History:
             return
         self.entries = [*self.entries, {"time": self.stamp, "pod": r.pod, "field": r.field, "from": r.old,
                                         "to": r.new, "reason": r.reason, "via": r.via}][-HISTORY:]
-        what = "memory request" if r.field == "memory" else "GPU memory budget"
+        what, event = DECISIONS[r.field]
         change = f"{what} {r.old} -> {r.new}" if r.old != r.new else f"{what} stays {r.new}"
         oom = r.reason.startswith("OOMKilled")
-        event = "OOMKilled" if oom else "MemoryDecision" if r.field == "memory" else "GPUBudgetDecision"
-        self.kube.post_event(self.body, "Warning" if oom else "Normal", event,
-                             f"pod {r.pod}: {change} ({r.reason}: {r.message}); applied: {r.via}")
+        self.kube.post_event(self.body, "Warning" if oom else "Normal", "OOMKilled" if oom else event,
+                             f"{f'pod {r.pod}: ' if r.pod else ''}{change} ({r.reason}: {r.message}); applied: {r.via}")
 
 
 def act(kube: Kube, snap: Snapshot, plan: ReconcilePlan, *, set_budget: SetBudget = set_gpu_budget) -> Outcome:
@@ -104,6 +108,8 @@ def act(kube: Kube, snap: Snapshot, plan: ReconcilePlan, *, set_budget: SetBudge
         _serving(kube, body, plan.serving)  # before the Service: an upgraded selector finds its pods labelled
         for obj in plan.apply:
             kube.apply(obj)
+        if plan.scaling is not None and plan.scaling.record is not None:
+            history.add(plan.scaling.record)  # (drained pods leave in _execute; new replicas are its creations)
         _execute(kube, body, plan.steps, plan.new_pod, out)
         for m in plan.memory:
             _memory(kube, body, m, history, stamp, out)
@@ -157,7 +163,8 @@ def _execute(kube: Kube, body: dict[str, Any], steps: Plan, new_pod: dict[str, A
     for d in steps.delete:
         if kube.delete_pod(ns, d.name, d.uid):
             out.deleted.append(d.name)
-            kube.post_event(body, "Warning" if d.reason == "Failed" else "Normal", f"Deleted{d.reason}", d.message)
+            bad = d.reason in ("Failed", DRAIN_TIMEOUT)
+            kube.post_event(body, "Warning" if bad else "Normal", f"Deleted{d.reason}", d.message)
     for _ in range(steps.create):
         try:
             created = kube.create_pod(new_pod)

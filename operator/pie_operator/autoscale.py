@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 QUEUE_DEPTH, TTFT, TPOT = "QueueDepth", "TTFT", "TPOT"
 TARGETS = (QUEUE_DEPTH, TTFT, TPOT)
-# Decision reasons (Event reasons later).
+# Decision reasons (status.autoscaling.reason; status.decisions[].reason of a change of the count).
 SCALE_UP, SCALE_DOWN, BOUNDS, SETTLING, NO_METRICS, HOLD = (
     "ScaleUp", "ScaleDown", "Bounds", "Settling", "NoMetrics", "Hold")
 
@@ -158,6 +158,44 @@ def _fewer(value: float, n: int, p: AutoscalePolicy) -> int:
                 if value * n / (n - k) <= limit), default=0)
 
 
+def _unsettled(p: AutoscalePolicy, replicas: int, pods: Sequence[PodLoad], now: float) -> tuple[str, str] | None:
+    """Rules 2 and 3 (settling, evidence): (reason, message) of a hold, or None: the load can be judged."""
+    active = [x for x in pods if not x.draining]
+    if leaving := sorted(x.name for x in pods if x.draining):
+        return SETTLING, f"waiting for {_names(leaving)} to drain before the next decision"
+    if len(active) < replicas:
+        return SETTLING, f"waiting for {replicas - len(active)} of {replicas} replica(s) to be created"
+    if unready := sorted(x.name for x in active if not x.ready):
+        return SETTLING, f"waiting for {_names(unready)} to become Ready"
+    if len(active) > replicas:
+        return SETTLING, f"{len(active)} pods for {replicas} replica(s): waiting for the extra ones to go"
+    if missing := [m for x in sorted(active, key=lambda x: x.name) if (m := _missing(x, p, now)) is not None]:
+        return NO_METRICS, f"no fresh {p.target} signal from {_names(missing)}: holding"
+    return None
+
+
+def _aggregate(p: AutoscalePolicy, active: Sequence[PodLoad]) -> float:
+    """The load the target is compared with (module docstring: aggregates); every pod has its signal."""
+    values = [v for x in active if (v := _signal(x, p.target)) is not None]
+    return sum(values) / len(active) if p.target == QUEUE_DEPTH else max(values)
+
+
+def recommend(policy: AutoscalePolicy, replicas: int, pods: Sequence[PodLoad], now: float) -> int:
+    """The replicas the policy would want at this instant, with no window and no step (an HPA or KEDA scaling on it
+    applies its own stabilization): memory first as in `decide`, within [min, max]. While settling or without
+    evidence: `replicas` (no evidence never causes a change -- nor, through an external autoscaler, a scale-down)."""
+    p, active = policy, [x for x in pods if not x.draining]
+    n = len(active)
+    if _unsettled(p, replicas, pods, now) is not None or n == 0:
+        want = replicas
+    elif (value := _aggregate(p, active)) > p.target_value:
+        exhausted = all(x.expansion_exhausted for x in active)
+        want = max(math.ceil(n * value / p.target_value), n + 1) if exhausted else n
+    else:
+        want = n - _fewer(value, n, replace(p, max_scale_down_step=n))
+    return min(max(want, p.min_replicas), p.max_replicas)
+
+
 def decide(policy: AutoscalePolicy, replicas: int, pods: Sequence[PodLoad], state: AutoscaleState,
            now: float) -> Decision:
     """The next desired replicas (module docstring: the rules). `replicas`: the desired count now; `pods`: the live
@@ -174,20 +212,10 @@ def decide(policy: AutoscalePolicy, replicas: int, pods: Sequence[PodLoad], stat
         drain = _emptiest(active, len(active) - p.max_replicas)
         return Decision(p.max_replicas, drain, BOUNDS, f"{replicas} replica(s) is above max_replicas: {replicas} -> "
                         f"{p.max_replicas}" + (f", draining {_names(drain)}" if drain else ""), AutoscaleState())
-    if leaving := sorted(x.name for x in pods if x.draining):
-        return hold(SETTLING, f"waiting for {_names(leaving)} to drain before the next decision")
-    if len(active) < replicas:
-        return hold(SETTLING, f"waiting for {replicas - len(active)} of {replicas} replica(s) to be created")
-    if unready := sorted(x.name for x in active if not x.ready):
-        return hold(SETTLING, f"waiting for {_names(unready)} to become Ready")
-    if len(active) > replicas:
-        return hold(SETTLING, f"{len(active)} pods for {replicas} replica(s): waiting for the extra ones to go")
-    if missing := [m for x in sorted(active, key=lambda x: x.name) if (m := _missing(x, p, now)) is not None]:
-        return hold(NO_METRICS, f"no fresh {p.target} signal from {_names(missing)}: holding")
+    if (why := _unsettled(p, replicas, pods, now)) is not None:
+        return hold(*why)
 
-    n = len(active)
-    values = [v for x in active if (v := _signal(x, p.target)) is not None]
-    value = sum(values) / n if p.target == QUEUE_DEPTH else max(values)
+    n, value = len(active), _aggregate(p, active)
     what = _describe(value, p)
     missed = value > p.target_value
     expandable = sorted((x for x in active if not x.expansion_exhausted), key=lambda x: x.name)

@@ -42,6 +42,9 @@ def run(
     metrics_concurrency: int = typer.Option(16, "--metrics-concurrency", min=1, help="Engines scraped at once."),
     reconcile_concurrency: int = typer.Option(16, "--reconcile-concurrency", min=1,
                                               help="PieDeployments reconciled at once (resyncs, after scrapes)."),
+    metrics_port: int = typer.Option(0, "--metrics-port", min=0, max=65535, help="Serve the operator's own "
+                                     "Prometheus metrics (desired and recommended replicas per PieDeployment, the "
+                                     "signals behind them) at /metrics on this port; 0: off."),
     host_path_allow: list[str] = typer.Option([], "--host-path-allow", help="A node directory (and what is below "
                                               "it) that hostPath model sources may use (repeatable; none: no "
                                               "hostPath sources)."),
@@ -64,6 +67,7 @@ def run(
     import kopf
 
     from pie_operator import handlers  # noqa: F401 -- registers the handlers in kopf's default registry
+    from pie_operator.exporter import Exporter
     from pie_operator.handlers import Reconciler
     from pie_operator.k8s import ApiKube
     from pie_operator.observe import Observations, ScrapeSettings
@@ -76,7 +80,12 @@ def run(
     if log_passes:
         logging.getLogger("pie_operator.passes").setLevel(logging.DEBUG)
     kube = ApiKube()
-    memo = kopf.Memo(kube=kube, reconciler=Reconciler(kube, Observations(), reconcile_concurrency, config),
+    exporter = Exporter()
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, registry=exporter.registry)  # (a daemon thread)
+    memo = kopf.Memo(kube=kube, reconciler=Reconciler(kube, Observations(), reconcile_concurrency, config, exporter),
                      namespaces=None if all_namespaces else list(namespace), resync_seconds=resync_seconds,
                      scrape=ScrapeSettings(metrics_interval, metrics_timeout, metrics_concurrency))
     kopf.run(standalone=standalone, clusterwide=all_namespaces, namespaces=namespace, liveness_endpoint=liveness,

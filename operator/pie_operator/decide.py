@@ -1,6 +1,7 @@
 """Decide: Snapshot -> ReconcilePlan, pure (no I/O, no clock but the snapshot's), computed once per pass.
 
-It strings together the pure rules -- rollout.py (which revision pods converge to, may the rollout step),
+It strings together the pure rules -- scaling.py (how many replicas: spec.replicas, or the autoscaler's count and
+the pods it drains), rollout.py (which revision pods converge to, may the rollout step),
 tuning.py / decisions.py (per-pod memory requests and GPU budgets), planning.py (which pods to create and delete),
 builders.py (the desired objects) -- into the actions actuate.py carries out, and renders the status from the plan
 and what acting did (`desired_status`).
@@ -20,7 +21,9 @@ from pie_operator.config import MEMORY_MODE_CONDITION, memory_mode_condition, me
 from pie_operator.memory import initial_decision, pod_memory
 from pie_operator.planning import Plan, Pod, is_finished, is_ready, is_terminating, plan, revision
 from pie_operator.quantity import format_bytes, parse_bytes
+from pie_operator.records import Event, Record
 from pie_operator.rollout import RolloutState, advance, baseline_stall, gate_verdict, serving
+from pie_operator.scaling import AUTOSCALER_CONFLICT, Scaling, scale
 from pie_operator.scrape import Observation
 from pie_operator.snapshot import Snapshot
 from pie_operator.status import compute_status, condition, invalid_status
@@ -37,19 +40,6 @@ from pie_operator.tuning import (
     template_budget,
     template_request,
 )
-
-
-@dataclass(frozen=True)
-class Record:
-    """One status.decisions entry (and its Event), added once its action went through."""
-
-    pod: str
-    field: str  # memory | gpuMemoryBudget
-    old: str
-    new: str
-    reason: str
-    message: str
-    via: str  # how it was applied
 
 
 @dataclass(frozen=True)
@@ -70,13 +60,6 @@ class MemoryAction:
     resize: tuple[str, str | None] | None = None  # (request, limit) through pods/resize; None: nothing to call
 
 
-@dataclass(frozen=True)
-class Event:
-    type: str
-    reason: str
-    message: str
-
-
 @dataclass
 class ReconcilePlan:
     """Everything one pass does, and what its status is rendered from."""
@@ -95,6 +78,8 @@ class ReconcilePlan:
     rollout: RolloutState | None = None
     memo: dict[str, dict[str, Any]] = field(default_factory=dict)  # pod -> status.pods[] fields to carry
     status_memory: dict[str, str] = field(default_factory=dict)  # status.memory: what new pods get
+    replicas: int = 0  # what pods converge to: spec.replicas, or the autoscaler's decision (scaling.py)
+    scaling: Scaling | None = None
 
 
 def decide(snap: Snapshot) -> ReconcilePlan:
@@ -107,6 +92,11 @@ def decide(snap: Snapshot) -> ReconcilePlan:
     prev_pods = {e["name"]: e for e in previous.get("pods") or [] if e.get("name")}
     prev_memory = previous.get("memory") or {}
     owner = builders.owner_reference(snap.body)
+    # The replica count first: with autoscaling it is the operator's own, and the pods it drains are left out of the
+    # rollout and the plan (they leave once drained: scaling.py).
+    scaling = scale(spec, snap.pods, snap.views, previous.get("autoscaling"), evaluated_at=snap.evaluated_at,
+                    now=now.timestamp())
+    replicas, active = scaling.replicas, [p for p in snap.pods if p["metadata"]["name"] not in scaling.draining]
 
     # The revision hashes the template without its memory values (those follow the per-pod decisions below).
     initial = initial_decision(spec.memory)
@@ -116,7 +106,7 @@ def decide(snap: Snapshot) -> ReconcilePlan:
     baseline = baseline_stall(snap.pods, last, spec_revision)
     rollout, target = advance(
         RolloutState.from_status(previous.get("rollout")), spec_revision=spec_revision, spec_template=spec_template,
-        pods=snap.pods, replicas=spec.replicas, auto_rollback=spec.rollout.auto_rollback,
+        pods=active, replicas=replicas, auto_rollback=spec.rollout.auto_rollback,
         verdict=lambda p: gate_verdict(p, last.get(p["metadata"]["name"]), now=now,
                                        step_timeout=spec.rollout.step_timeout_seconds,
                                        engine_health=gate.engine_health, baseline_stall=baseline,
@@ -130,7 +120,7 @@ def decide(snap: Snapshot) -> ReconcilePlan:
                         tmpl_request=template_request(spec, prev_memory.get("hostMemoryRequest")),
                         tmpl_limit=parse_bytes(prev_memory["hostMemoryLimit"]) if prev_memory.get("hostMemoryLimit")
                         else None)
-    surge, unavailable = spec.rollout.bounds(spec.replicas)
+    surge, unavailable = spec.rollout.bounds(replicas)
     gpu = _gpu(tplan.gpu, {p["metadata"]["name"]: p for p in tuned}, prev_pods, spec.engine.admin_port, last=last,
                now=now.timestamp(), max_live=max(1, unavailable))
     budget = template_budget(spec, prev_memory.get("gpuMemoryBudget"))
@@ -144,7 +134,7 @@ def decide(snap: Snapshot) -> ReconcilePlan:
 
     passed = set(rollout.passed)
     create_revision, create_template = target.creates()
-    routed = serving(rollout, snap.pods)
+    routed = serving(rollout, active)
     desired = [builders.service(spec, name, namespace, owner),
                builders.config_map(spec, name, namespace, target.revision, decision, owner),
                builders.pod_disruption_budget(spec, name, namespace, owner)]
@@ -155,9 +145,10 @@ def decide(snap: Snapshot) -> ReconcilePlan:
         admin_secret=None if snap.admin_token else builders.admin_secret(name, namespace, "", owner),
         gpu=gpu.live, recorded=gpu.recorded,
         apply=[obj for obj in desired if not _contains(snap.owned.get(obj["kind"]), obj)],
-        steps=plan(snap.pods, desired_revision=target.revision, replicas=spec.replicas, max_surge=surge,
+        steps=plan(active, desired_revision=target.revision, replicas=replicas, max_surge=surge,
                    max_unavailable=unavailable, replace={**tplan.replace, **gpu.replace}, hold=target.hold,
-                   gate=lambda p: is_ready(p) and p["metadata"]["name"] in passed, now=now),
+                   gate=lambda p: is_ready(p) and p["metadata"]["name"] in passed, now=now).with_deletions(
+                       scaling.delete),
         new_pod=builders.pod(builders.with_memory(create_template, request, limit, decision.gpu_memory_budget),
                              name, namespace, create_revision, owner),
         serving={p["metadata"]["name"]: want for p in snap.pods if not is_terminating(p)
@@ -168,7 +159,8 @@ def decide(snap: Snapshot) -> ReconcilePlan:
         events=_scrape_events(prev_pods, last),
         rollout=rollout,
         memo={pod: {**tplan.memo.get(pod, {}), **gpu.memo.get(pod, {})} for pod in {*tplan.memo, *gpu.memo}},
-        status_memory={**status_memory, "expansionRatio": _expansion_ratio(last, decision.expansion_ratio)})
+        status_memory={**status_memory, "expansionRatio": _expansion_ratio(last, decision.expansion_ratio)},
+        replicas=replicas, scaling=scaling)
 
 
 def desired_status(snap: Snapshot, plan: ReconcilePlan, pods: list[Pod], learned: dict[str, dict[str, Any]],
@@ -182,14 +174,24 @@ def desired_status(snap: Snapshot, plan: ReconcilePlan, pods: list[Pod], learned
     memo = {pod: {**prev_pods.get(pod, {}), **plan.memo.get(pod, {}), **learned.get(pod, {})}
             for pod in {p["metadata"]["name"] for p in pods}}
     status = compute_status(
-        name=snap.name, pods=pods, replicas=snap.spec.replicas, desired_revision=plan.revision,
+        name=snap.name, pods=pods, replicas=plan.replicas, desired_revision=plan.revision,
         generation=snap.generation, selector=snap.selector,
         memory=(previous.get("memory") or plan.status_memory) if stopped else plan.status_memory,
         previous=previous, now=snap.now, rollout=plan.rollout, observations={p: v.last for p, v in snap.views.items()},
-        memo=memo, decisions=decisions)
+        memo=memo, decisions=decisions, draining=plan.scaling.draining if plan.scaling is not None else frozenset())
     if label := snap.config.memory_mode_label:  # only where the operator was told which node label to read
         mode = memory_mode_condition(memory_mode_problems(pods, snap.node_modes, label), label)
         status["conditions"].append(condition(MEMORY_MODE_CONDITION, *mode, snap.generation,
+                                              previous.get("conditions") or [], snap.now))
+    if (sc := plan.scaling) is not None and sc.status is not None:
+        # (acting stopped early: nothing it decided was done, so the autoscaler's status stays as it was)
+        live = {e["name"] for e in status["pods"]}
+        status["autoscaling"] = previous.get("autoscaling") if stopped else {
+            **sc.status, "draining": [e for e in sc.status["draining"] if e["pod"] in live]}
+    elif previous.get("autoscaling"):
+        status["autoscaling"] = None  # switched off (a merge patch: null removes it)
+    if sc is not None and sc.conflict is not None:
+        status["conditions"].append(condition(AUTOSCALER_CONFLICT, *sc.conflict, snap.generation,
                                               previous.get("conditions") or [], snap.now))
     return status
 

@@ -24,6 +24,7 @@ import kopf
 
 from pie_operator.builders import DEPLOYMENT_LABEL
 from pie_operator.config import OperatorConfig
+from pie_operator.exporter import Exporter
 from pie_operator.k8s import Kube
 from pie_operator.observe import Observations, scrape_loop
 from pie_operator.reconcile import Outcome, reconcile
@@ -44,10 +45,11 @@ class Reconciler:
     over, whatever else triggers one."""
 
     def __init__(self, kube: Kube, observations: Observations | None = None, concurrency: int = CONCURRENCY,
-                 config: OperatorConfig | None = None) -> None:
+                 config: OperatorConfig | None = None, exporter: Exporter | None = None) -> None:
         self.kube = kube
         self.observations = observations
         self.config = config
+        self.exporter = exporter
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._queued: set[tuple[str, str]] = set()
         self._slots = asyncio.Semaphore(concurrency)
@@ -68,7 +70,7 @@ class Reconciler:
                 started = time.monotonic()
                 out = await asyncio.get_running_loop().run_in_executor(self._threads, partial(
                     reconcile, self.kube, namespace, name, observations=self.observations,
-                    config=self.config))
+                    config=self.config, exporter=self.exporter))
                 passes.debug("pass %s/%s %.4f s", namespace, name, time.monotonic() - started)
                 if out is not None and (out.created or out.deleted or out.resized or out.gpu_live):
                     log.info("%s/%s: revision %s created=%s deleted=%s resized=%s gpu_live=%s phase=%s", namespace,
@@ -78,6 +80,8 @@ class Reconciler:
                     break
         if out is None and self.observations is not None:
             self.observations.forget(key)  # deleted: stop scraping its pods
+        if out is None and self.exporter is not None:
+            self.exporter.forget(key)
         self._retry_later(key, None if out is None else out.retry_after)
         return out
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
 
 from pie_operator.decisions import Sample, SampleWindow
-from pie_operator.scrape import Observation, scrape
+from pie_operator.latency import WINDOW, Buckets, p95, reset
+from pie_operator.scrape import TPOT_HISTOGRAM, TTFT_HISTOGRAM, Observation, scrape
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, PieDeployment name)
@@ -39,14 +41,34 @@ class _PodRecord:
     uid: str
     window: SampleWindow
     last: Observation | None = None
+    last_ok: Observation | None = None
+    # The latency histograms of the fresh scrapes of the last latency.WINDOW seconds, oldest first, none from before
+    # the engine's counters last went down (a restart): what its p95s are taken over.
+    latency: deque[tuple[float, dict[str, Buckets]]] = field(default_factory=deque)
+
+    def add_latency(self, obs: Observation) -> None:
+        assert obs.metrics is not None
+        now = obs.metrics.buckets
+        if self.latency and any(name not in now or reset(now[name], b) for name, b in self.latency[-1][1].items()):
+            self.latency.clear()
+        self.latency.append((obs.at, now))
+        while self.latency[0][0] < obs.at - WINDOW:
+            self.latency.popleft()
+
+    def p95(self, name: str) -> float | None:
+        return p95([b[name] for _, b in self.latency if name in b])
 
 
 @dataclass(frozen=True)
 class PodView:
-    """A consistent copy of one pod's record: the latest observation and the samples in the window."""
+    """A consistent copy of one pod's record: the latest observation, the latest fresh one, the samples in the
+    window and the p95 latencies of the last latency.WINDOW seconds (None: fewer than two scrapes, or no request)."""
 
     last: Observation | None
     samples: list[Sample] = field(default_factory=list)
+    last_ok: Observation | None = None
+    ttft_p95: float | None = None
+    tpot_p95: float | None = None
 
 
 def to_sample(obs: Observation) -> Sample:
@@ -65,6 +87,7 @@ class Observations:
         self._pods: dict[Key, dict[str, _PodRecord]] = {}
         self._targets: dict[Key, tuple[int, tuple[PodTarget, ...]]] = {}
         self._windows: dict[Key, float] = {}
+        self._evaluated: dict[Key, float] = {}
 
     def set_targets(self, key: Key, port: int, pods: list[PodTarget], window_seconds: float = 1800.0) -> None:
         """The pods of one PieDeployment (the Ready ones are scraped from now on) and how long their samples are kept
@@ -85,6 +108,16 @@ class Observations:
             self._targets.pop(key, None)
             self._pods.pop(key, None)
             self._windows.pop(key, None)
+            self._evaluated.pop(key, None)
+
+    def evaluated(self, key: Key) -> float | None:
+        """When a pass last evaluated the autoscaler's windows of `key` (scaling.py; None: not since this started)."""
+        with self._lock:
+            return self._evaluated.get(key)
+
+    def set_evaluated(self, key: Key, at: float) -> None:
+        with self._lock:
+            self._evaluated[key] = at
 
     def targets(self) -> list[tuple[Key, int, tuple[PodTarget, ...]]]:
         with self._lock:
@@ -101,13 +134,15 @@ class Observations:
                 return
             rec.last = obs
             if obs.ok:
+                rec.last_ok = obs
                 rec.window.add(to_sample(obs))
+                rec.add_latency(obs)
 
     def view(self, key: Key, now: float, window_seconds: float) -> dict[str, PodView]:
         """Per pod name: the latest observation and the samples of the last `window_seconds`."""
         with self._lock:
-            return {name: PodView(r.last, r.window.recent(now, window_seconds))
-                    for name, r in self._pods.get(key, {}).items()}
+            return {name: PodView(r.last, r.window.recent(now, window_seconds), r.last_ok, r.p95(TTFT_HISTOGRAM),
+                                  r.p95(TPOT_HISTOGRAM)) for name, r in self._pods.get(key, {}).items()}
 
 
 @dataclass(frozen=True)

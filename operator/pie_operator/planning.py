@@ -87,6 +87,11 @@ class Plan:
     def empty(self) -> bool:
         return not (self.create or self.delete)
 
+    def with_deletions(self, more: tuple[Deletion, ...] | list[Deletion]) -> Plan:
+        """This plan, deleting `more` too (pods leaving outside of it: drained ones, scaling.py)."""
+        self.delete += more
+        return self
+
 
 def _newest_first(pods: list[Pod]) -> list[Pod]:
     return sorted(pods, key=lambda p: (p["metadata"].get("creationTimestamp", ""), p["metadata"]["name"]),

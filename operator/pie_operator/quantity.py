@@ -23,7 +23,8 @@ from pie_engine.quantity import (  # noqa: F401 -- re-exported: the operator imp
 # A duration as Kubernetes fields write one ("50ms", "0.2s"): a decimal number, then ms or s. The pattern itself
 # rejects zero (it needs a nonzero digit): a latency target of 0 could never be met. No exponent and no other unit:
 # a per-token latency is milliseconds to seconds. The CRD's pattern is this string (tests/unit/operator/test_crd.py).
-DURATION_RE = r"^([0-9]*[1-9][0-9]*(\.[0-9]*)?|[0-9]*\.[0-9]*[1-9][0-9]*)(ms|s)$"
+POSITIVE_DECIMAL = r"([0-9]*[1-9][0-9]*(\.[0-9]*)?|[0-9]*\.[0-9]*[1-9][0-9]*)"  # no sign, no exponent, not 0
+DURATION_RE = rf"^{POSITIVE_DECIMAL}(ms|s)$"
 # The CRD's maxLength too: it keeps the value a finite float (a 400-digit number would be inf in seconds).
 DURATION_MAX_LENGTH = 32
 

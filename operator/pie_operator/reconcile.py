@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from pie_operator.actuate import Outcome, SetBudget, act, describe_api_error, write_status
 from pie_operator.config import OperatorConfig
 from pie_operator.decide import decide, desired_status
+from pie_operator.exporter import Exporter
 from pie_operator.k8s import Kube
 from pie_operator.observe import Observations, PodTarget
 from pie_operator.planning import is_ready, is_terminating
@@ -57,7 +58,7 @@ def create_wait(previous: dict[str, Any], now: datetime) -> float:
 
 def reconcile(kube: Kube, namespace: str, name: str, *, now: datetime | None = None,
               observations: Observations | None = None, set_budget: SetBudget = set_gpu_budget,
-              config: OperatorConfig | None = None) -> Outcome | None:
+              config: OperatorConfig | None = None, exporter: Exporter | None = None) -> Outcome | None:
     """One pass toward the spec. Returns None when the PieDeployment is gone or being deleted (garbage collection
     through ownerReferences removes the children; no finalizer needed). An error from the Kubernetes API is put in
     the status (Degraded, reason ApiError) and raised again, so that the caller retries; a pod the apiserver refuses
@@ -80,6 +81,7 @@ def reconcile(kube: Kube, namespace: str, name: str, *, now: datetime | None = N
             # The engine gate needs a served probe request: sent to the pods that have not passed it yet.
             model = (snap.spec.model.served_model_name or name) if snap.spec.rollout.gate.engine_health else ""
             passed = set(plan.rollout.passed) if plan.rollout is not None else set()
+            passed |= plan.scaling.draining if plan.scaling is not None else set()  # (leaving: no gate to pass)
             observations.set_targets((namespace, name), snap.spec.engine.port, [
                 PodTarget(p["metadata"]["name"], p["metadata"]["uid"], p.get("status", {}).get("podIP", ""),
                           is_ready(p), "" if p["metadata"]["name"] in passed else model)
@@ -87,6 +89,10 @@ def reconcile(kube: Kube, namespace: str, name: str, *, now: datetime | None = N
         out.status = desired_status(snap, plan, pods, out.learned, out.decisions, stopped=out.requeue)
         _creation(kube, snap, out, held, wait)
         out.status_written = write_status(kube, body, snap.previous, out.status)
+        if observations is not None and plan.scaling is not None and plan.scaling.evaluated:
+            observations.set_evaluated((namespace, name), now.timestamp())  # (the windows' continuity: scaling.py)
+        if exporter is not None and plan.scaling is not None:
+            exporter.update((namespace, name), plan.scaling, now.timestamp())
         return out
     except ApiException as e:
         _report(kube, body, e, now)

@@ -6,7 +6,8 @@ The HTTP contract the operator relies on (engine side: engine/pie_engine/server/
 - ``GET /health`` -> 200 while the engine serves (anything else: not healthy).
 - ``GET /metrics`` -> Prometheus text format with at least the REQUIRED names below (gauges/counters as one unlabeled
   sample each; ``pie_iteration_seconds`` a histogram with ``_sum`` and ``_count``). A name missing, a value that is
-  not a finite number >= 0, or text the parser rejects makes the whole scrape stale.
+  not a finite number >= 0, or text the parser rejects makes the whole scrape stale. Read when present: the OPTIONAL
+  gauges and the LATENCY_HISTOGRAMS' ``_bucket`` series (the autoscaler's TTFT / TPOT targets).
 - ``POST /v1/completions`` ``{"model": <served name>, "prompt": "ping", "max_tokens": 1}`` -> 200 with at least one
   choice: the probe request of the rollout gate (`probe`), sent to pods that have not passed their gate yet.
 - ``POST /v1/pie/admin/gpu-memory-budget`` on the engine's admin port (``--admin-port``, spec.engine.adminPort; the
@@ -26,10 +27,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from pie_operator.latency import Buckets
 
 GAUGES = ("pie_expansion_ratio", "pie_kv_layers_on_host", "pie_device_kv_capacity_bytes", "pie_host_kv_capacity_bytes",
           "pie_host_kv_used_bytes", "pie_recommended_host_memory_bytes", "pie_recommended_gpu_memory_bytes",
@@ -38,8 +41,13 @@ GAUGES = ("pie_expansion_ratio", "pie_kv_layers_on_host", "pie_device_kv_capacit
 COUNTERS = ("pie_swap_in_bytes_total", "pie_swap_out_bytes_total", "pie_swap_stall_seconds_total")
 HISTOGRAM = "pie_iteration_seconds"
 REQUIRED = (*GAUGES, *COUNTERS, f"{HISTOGRAM}_sum", f"{HISTOGRAM}_count")
-# Read when present: older engines do not export it, and without it a fractional GPU budget stays unresolved.
-OPTIONAL = ("pie_gpu_memory_overhead_bytes",)
+# Read when present: older engines do not export them. Without the overhead a fractional GPU budget stays
+# unresolved; without the headroom the autoscaler judges exhaustion from what it can see (load.py).
+OPTIONAL = ("pie_gpu_memory_overhead_bytes", "pie_expansion_headroom_layers")
+# Histograms read bucket by bucket when present (the autoscaler's TTFT / TPOT targets: latency.py); one that does not
+# parse as a histogram is left out, never a reason to call the whole scrape stale.
+TTFT_HISTOGRAM, TPOT_HISTOGRAM = "pie_time_to_first_token_seconds", "pie_inter_token_latency_seconds"
+LATENCY_HISTOGRAMS = (TTFT_HISTOGRAM, TPOT_HISTOGRAM)
 MAX_BODY = 4 * 2**20  # an engine's /metrics is a few KiB; anything this large is not an engine
 ADMIN_PATH = "/v1/pie/admin/gpu-memory-budget"
 PROBE_OK = "ok"
@@ -49,9 +57,10 @@ PROBE_TIMEOUT = 10.0  # a first request may warm caches up: longer than a scrape
 @dataclass(frozen=True)
 class EngineMetrics:
     """The required samples of one scrape, by name (counters with their ``_total`` suffix, the histogram as
-    ``pie_iteration_seconds_sum`` / ``_count``)."""
+    ``pie_iteration_seconds_sum`` / ``_count``), and the LATENCY_HISTOGRAMS the engine exported, by family name."""
 
     values: dict[str, float]
+    buckets: dict[str, Buckets] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> float:
         return self.values[name]
@@ -92,11 +101,15 @@ class MetricsError(ValueError):
 def parse_metrics(text: str) -> EngineMetrics:
     """Parse Prometheus text; raises MetricsError (garbage, missing names, bad values)."""
     found: dict[str, float] = {}
+    histograms: dict[str, list[tuple[float, float]]] = {}
     try:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 if (s.name in REQUIRED or s.name in OPTIONAL) and not s.labels:
                     found[s.name] = float(s.value)
+                elif family.name in LATENCY_HISTOGRAMS and s.name == f"{family.name}_bucket" and set(s.labels) == {
+                        "le"}:
+                    histograms.setdefault(family.name, []).append((float(s.labels["le"]), float(s.value)))
     except Exception as e:  # the parser raises ValueError, IndexError, ... on garbage: all mean the same here
         raise MetricsError(f"garbage metrics ({type(e).__name__})") from e
     missing = [n for n in REQUIRED if n not in found]
@@ -106,7 +119,16 @@ def parse_metrics(text: str) -> EngineMetrics:
     bad = [n for n, v in found.items() if not math.isfinite(v) or v < 0]
     if bad:
         raise MetricsError(f"invalid values: {', '.join(sorted(bad)[:3])}")
-    return EngineMetrics(found)
+    return EngineMetrics(found, {name: b for name, raw in histograms.items() if (b := _histogram(raw)) is not None})
+
+
+def _histogram(raw: list[tuple[float, float]]) -> Buckets | None:
+    """Cumulative buckets, ascending, ending at +Inf, counts finite, >= 0 and never decreasing; else None."""
+    b = tuple(sorted(raw))
+    counts = [c for _, c in b]
+    ok = (b and b[-1][0] == math.inf and len({le for le, _ in b}) == len(b)
+          and all(math.isfinite(c) and c >= 0 for c in counts) and counts == sorted(counts))
+    return b if ok else None
 
 
 def base_url(ip: str, port: int) -> str:

@@ -45,6 +45,7 @@ class Snapshot:
     resize_supported: bool | None = False
     config: OperatorConfig = field(default_factory=OperatorConfig)  # the operator's own flags
     node_modes: dict[str, str] = field(default_factory=dict)  # node -> its GPU memory mode, where not accountable
+    evaluated_at: float | None = None  # when this operator last evaluated the autoscaler's windows (scaling.py)
 
     @property
     def namespace(self) -> str:
@@ -92,7 +93,8 @@ def observe(kube: Kube, body: dict[str, Any], *, now: datetime, observations: Ob
         views=views,
         # Asked only when it matters (the real client caches the answer per process).
         resize_supported=spec.memory.apply == "InPlace" and kube.supports_resize(),
-        config=config, node_modes=_node_modes(kube, config.memory_mode_label, pods))
+        config=config, node_modes=_node_modes(kube, config.memory_mode_label, pods),
+        evaluated_at=None if observations is None else observations.evaluated((namespace, name)))
 
 
 def _node_modes(kube: Kube, label: str, pods: list[Pod]) -> dict[str, str]:

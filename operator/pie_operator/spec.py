@@ -11,8 +11,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, field_validator, model_validator
 
 from pie_operator.quantity import (  # noqa: F401 -- re-exported: callers import the helpers from here
     BUDGET_RE,
@@ -28,6 +27,8 @@ from pie_operator.quantity import (  # noqa: F401 -- re-exported: callers import
     parse_duration,
     resolve_int_or_percent,
 )
+from pie_operator.spec_autoscaling import AutoscalingSpec
+from pie_operator.spec_model import SpecModel as _Model
 
 GROUP, VERSION, PLURAL, KIND = "pie.io", "v1alpha1", "piedeployments", "PieDeployment"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -42,12 +43,6 @@ ADMIN_PORT_MESSAGE = ("engine.adminPort must differ from engine.port: the admin 
                       "which the Service does not expose")
 LATENCY_TARGET_MODE_MESSAGE = ("memory.expansion.latencyTarget is only allowed with memory.expansion.mode adaptive "
                                "(static and off do not adapt the expansion to latency)")
-
-
-class _Model(BaseModel):
-    """camelCase aliases as in the CRD; unknown fields are an error (the CRD and these models must agree)."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
 class PVCSource(_Model):
@@ -292,3 +287,4 @@ class PieDeploymentSpec(_Model):
     memory: MemorySpec = Field(default_factory=MemorySpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     service: ServiceSpec = Field(default_factory=ServiceSpec)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)

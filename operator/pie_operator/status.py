@@ -15,6 +15,7 @@ from pie_operator.planning import Pod, is_finished, is_ready, is_terminating, me
 from pie_operator.quantity import format_bytes
 from pie_operator.resize import DONE, actual_memory, resize_state
 from pie_operator.rollout import PAUSED, ROLLED_BACK, RolloutState
+from pie_operator.scaling import AUTOSCALER_CONFLICT
 from pie_operator.scrape import Observation
 from pie_operator.tuning import (
     GPU_ATTEMPTS,
@@ -89,17 +90,21 @@ def metrics_condition(pods: list[Pod], observations: dict[str, Observation | Non
 def compute_status(*, name: str, pods: list[Pod], replicas: int, desired_revision: str, generation: int,
                    selector: str, memory: dict[str, str], previous: dict[str, Any], now: datetime,
                    rollout: RolloutState | None = None, observations: dict[str, Observation | None] | None = None,
-                   memo: dict[str, dict[str, Any]] | None = None, decisions: list[dict[str, Any]] | None = None
-                   ) -> dict[str, Any]:
+                   memo: dict[str, dict[str, Any]] | None = None, decisions: list[dict[str, Any]] | None = None,
+                   draining: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The whole status (everything but status.kopf). `desired_revision`: the revision pods converge to (the
-    rollout's target); `memory`: {hostMemoryRequest, gpuMemoryBudget, expansionRatio} of new pods."""
+    rollout's target); `memory`: {hostMemoryRequest, gpuMemoryBudget, expansionRatio} of new pods; `draining`: pods
+    the autoscaler is draining (scaling.py): they exist, but are no longer replicas, so readiness is judged without
+    them (a scale-down is not a drop in readiness)."""
     rollout = rollout or RolloutState(revision=desired_revision)
     observations, memo = observations or {}, memo or {}
     live = sorted((p for p in pods if not is_terminating(p)), key=lambda p: p["metadata"]["name"])
     running = [p for p in live if not is_finished(p)]
-    ready = [p for p in running if is_ready(p)]
-    updated = [p for p in running if revision(p) == desired_revision]
-    outdated = [p for p in running if revision(p) != desired_revision]
+    staying = [p for p in running if p["metadata"]["name"] not in draining]
+    leaving = sorted(p["metadata"]["name"] for p in running if p["metadata"]["name"] in draining)
+    ready = [p for p in staying if is_ready(p)]
+    updated = [p for p in staying if revision(p) == desired_revision]
+    outdated = [p for p in staying if revision(p) != desired_revision]
     waiting_gate = [p for p in ready if p["metadata"]["name"] not in rollout.passed]
     prev_conds = previous.get("conditions") or []
 
@@ -114,15 +119,18 @@ def compute_status(*, name: str, pods: list[Pod], replicas: int, desired_revisio
             problems.append(("Unschedulable", f"pod {p['metadata']['name']} cannot be scheduled: {msg}"))
             break
 
-    converged = len(updated) == replicas and not outdated and len(running) == replicas
+    converged = len(updated) == replicas and not outdated and len(staying) == replicas
     all_ready = len(ready) >= replicas and converged and not waiting_gate
     if outdated:
         prog_reason, prog_msg = "RollingUpdate", (f"{len(updated)}/{replicas} pods on revision {desired_revision}, "
                                                   f"{len(outdated)} outdated")
-    elif len(running) < replicas:
-        prog_reason, prog_msg = "ScalingUp", f"{len(running)}/{replicas} pods exist"
-    elif len(running) > replicas:
-        prog_reason, prog_msg = "ScalingDown", f"{len(running)} pods exist, {replicas} desired"
+    elif len(staying) < replicas:
+        prog_reason, prog_msg = "ScalingUp", f"{len(staying)}/{replicas} pods exist"
+    elif len(staying) > replicas:
+        prog_reason, prog_msg = "ScalingDown", f"{len(staying)} pods exist, {replicas} desired"
+    elif leaving:
+        prog_reason, prog_msg = "Draining", (f"draining {', '.join(leaving)}: deleted once their requests finished "
+                                             f"({replicas} replica{'' if replicas == 1 else 's'} serve)")
     elif len(ready) < replicas:
         prog_reason, prog_msg = "WaitingForReady", f"{len(ready)}/{replicas} pods ready"
     elif waiting_gate:
@@ -210,7 +218,7 @@ def condition_events(previous: dict[str, Any], status: dict[str, Any]) -> list[t
                 old is not None and old.get("status") == c["status"] and old.get("reason") == c["reason"]):
             continue
         bad = c["reason"] in ("ProgressDeadlineExceeded", "InvalidSpec") or (
-            c["type"] in ("Degraded", MEMORY_MODE_CONDITION) and c["status"] == "True") or (
+            c["type"] in ("Degraded", MEMORY_MODE_CONDITION, AUTOSCALER_CONFLICT) and c["status"] == "True") or (
             c["type"] == "Ready" and c["status"] == "False" and old is not None and old.get("status") == "True"
             and not expected_drop)
         if (old is None and not bad) or c["reason"] in posted:
@@ -247,6 +255,7 @@ def create_rejected_status(status: dict[str, Any], message: str, generation: int
 # only in these is not written (they are refreshed with the next real change; live values are on /metrics).
 VOLATILE_POD_FIELDS = ("expansionRatio", "hostKVUsed")
 VOLATILE_MEMORY_FIELDS = ("expansionRatio",)
+VOLATILE_AUTOSCALING_FIELDS = ("message",)  # the policy's hold message counts the seconds a window has run
 
 
 def without_volatile(status: dict[str, Any]) -> dict[str, Any]:
@@ -255,6 +264,7 @@ def without_volatile(status: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out.get("pods"), list):
         out["pods"] = [{k: v for k, v in p.items() if k not in VOLATILE_POD_FIELDS} if isinstance(p, dict) else p
                        for p in out["pods"]]
-    if isinstance(out.get("memory"), dict):
-        out["memory"] = {k: v for k, v in out["memory"].items() if k not in VOLATILE_MEMORY_FIELDS}
+    for key, volatile in (("memory", VOLATILE_MEMORY_FIELDS), ("autoscaling", VOLATILE_AUTOSCALING_FIELDS)):
+        if isinstance(out.get(key), dict):
+            out[key] = {k: v for k, v in out[key].items() if k not in volatile}
     return out

@@ -98,6 +98,20 @@ INVALID = [
      "engine.resources must not set memory or nvidia.com/gpu"),
     ({"model": {"path": "/m", "source": {"image": {}, "hostPath": {"path": "/m"}}}},
      "model.source must set exactly one of pvc, hostPath, image"),
+    ({"autoscaling": {"enabled": True}}, "autoscaling.maxReplicas is required when autoscaling.enabled is true"),
+    ({"autoscaling": {"minReplicas": 3, "maxReplicas": 2}},
+     "autoscaling.minReplicas must be less than or equal to autoscaling.maxReplicas"),
+    ({"autoscaling": {"maxReplicas": 2, "scaleToZero": True}}, "autoscaling.scaleToZero is not supported yet"),
+    ({"autoscaling": {"minReplicas": 0}}, "should be greater than or equal to 1"),
+    ({"autoscaling": {"target": {"type": "TTFT", "value": 1}}}, "autoscaling.target.value must be a positive number"),
+    ({"autoscaling": {"target": {"type": "TPOT", "value": "50"}}},
+     "autoscaling.target.value must be a positive number"),
+    ({"autoscaling": {"target": {"type": "QueueDepth", "value": "4s"}}},
+     "autoscaling.target.value must be a positive number"),
+    ({"autoscaling": {"target": {"type": "QueueDepth", "value": "0"}}},
+     "spec.autoscaling.target.value in body should match"),
+    ({"autoscaling": {"target": {"type": "TTFT"}}}, "spec.autoscaling.target.value: Required value"),
+    ({"autoscaling": {"target": {"type": "QPS", "value": 4}}}, 'Unsupported value: "QPS"'),
 ]
 
 
@@ -123,6 +137,19 @@ def test_valid_latency_targets_are_accepted(k8s: Cluster, ns: str) -> None:
         doc = {"apiVersion": "pie.io/v1alpha1", "kind": "PieDeployment", "metadata": {"name": "ok"}, "spec": spec}
         cp = k8s.kubectl("create", "--dry-run=server", "-n", ns, "-f", "-", input=json.dumps(doc), check=False)
         assert cp.returncode == 0, f"rejected: {expansion}: {cp.stderr}"
+
+
+def test_valid_autoscaling_is_accepted(k8s: Cluster, ns: str) -> None:
+    # The other side of the autoscaling rows above: both forms of a target value, and knobs written while disabled.
+    for autoscaling in ({"enabled": True, "maxReplicas": 3},
+                        {"enabled": True, "minReplicas": 2, "maxReplicas": 2, "target": {"type": "QueueDepth",
+                                                                                          "value": "2.5"}},
+                        {"enabled": True, "maxReplicas": 4, "target": {"type": "TTFT", "value": "500ms"}},
+                        {"maxReplicas": 4, "target": {"type": "TPOT", "value": "0.05s"}}, {"minReplicas": 3}):
+        spec = {"model": {"path": "/models/tiny"}, "engine": {"image": "pie-engine:0.1.0"}, "autoscaling": autoscaling}
+        doc = {"apiVersion": "pie.io/v1alpha1", "kind": "PieDeployment", "metadata": {"name": "ok"}, "spec": spec}
+        cp = k8s.kubectl("create", "--dry-run=server", "-n", ns, "-f", "-", input=json.dumps(doc), check=False)
+        assert cp.returncode == 0, f"rejected: {autoscaling}: {cp.stderr}"
 
 
 def test_explain_teaches_the_api(k8s: Cluster) -> None:

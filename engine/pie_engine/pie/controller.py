@@ -56,6 +56,9 @@ class ExpansionController:
         self.ceiling = Ceiling(cfg.ceiling_ttl, cfg.max_ceiling_backoff)
         self.transparent_limit: int | None = None  # highest m known transparent below an overhead-causing one
         self.overhead = self.stall_fraction = 0.0
+        # The last measured window left room to grow (latency, overhead and stall below their grow levels): one
+        # attribute the metrics thread reads, written whole by `update`.
+        self._room = True
         self.overheads: dict[str, float | None] = {"stall": 0.0, "excess": None, "baseline": None}
         self.num_grows = self.num_shrinks = 0
         self.speeds = SpeedTable(cfg.speed_batch, cfg.speed_ttl)
@@ -125,6 +128,7 @@ class ExpansionController:
             return self.m
         window = self.evidence.last()
         self.overhead, self.overheads, self.stall_fraction = Evidence.measure(window, self.m)
+        self._room = self._latency_allows_growth(window) and self.stall_fraction < cfg.grow_stall_fraction
         self._hold_reason = "hold"
         if self.m > 0 and (verdict := self._guard()) is not None:
             return verdict
@@ -372,6 +376,17 @@ class ExpansionController:
 
     # -------------------------------------------------------------------------------------------- reporting
     @property
+    def headroom_layers(self) -> int:
+        """Layers m may still grow by now: 0 when expansion cannot absorb more KV demand -- not adaptive, the host
+        memory limit reached, a back-off's ceiling, or latency / overhead / stall leaving no room to grow. The
+        operator adds replicas only once this is 0 on every pod (memory first: operator/pie_operator/autoscale.py).
+        NOTE: read from the metrics thread: attributes only, nothing mutated."""
+        if self.mode != "adaptive" or not self._room:
+            return 0
+        top = min(self.max_layers_on_host, self.ceiling.peek(self._iteration, self.geometry.num_layers) - 1)
+        return max(0, top - self.m)
+
+    @property
     def peak_blocks(self) -> int:
         """Observed peak KV demand, blocks per layer, over the last ``peak_window`` iterations."""
         return self.peak.blocks
@@ -397,7 +412,7 @@ class ExpansionController:
             "stall_fraction": self.stall_fraction, "overheads": dict(self.overheads), "epsilon": cfg.epsilon,
             "grow_overhead": cfg.grow_overhead,
             "last_decision": self.last_decision, "recent_changes": [list(c) for c in self.changes],
-            "ceiling": self.ceiling.value,
+            "ceiling": self.ceiling.value, "headroom_layers": self.headroom_layers,
             "transparent_limit": self.transparent_limit, "num_grows": self.num_grows,
             "num_shrinks": self.num_shrinks, "baseline_samples": self.baseline.num_samples,
             "baseline_error": self.baseline.error(),

@@ -2,10 +2,10 @@
 
 Metric names are fixed (the operator reads them): gauges ``pie_expansion_ratio``, ``pie_kv_layers_on_host``,
 ``pie_device_kv_capacity_bytes``, ``pie_host_kv_capacity_bytes``, ``pie_host_kv_used_bytes``,
-``pie_recommended_host_memory_bytes``, ``pie_recommended_gpu_memory_bytes``, ``pie_gpu_memory_total_bytes``,
-``pie_gpu_memory_used_bytes`` (pynvml; 0 without a GPU); counters ``pie_swap_in_bytes_total``,
-``pie_swap_out_bytes_total``, ``pie_swap_stall_seconds_total``; histogram ``pie_iteration_seconds``. (The engine
-adds ``pie_gpu_memory_overhead_bytes``, a start-up constant: core/engine.py.)
+``pie_recommended_host_memory_bytes``, ``pie_recommended_gpu_memory_bytes``, ``pie_expansion_headroom_layers``,
+``pie_gpu_memory_total_bytes``, ``pie_gpu_memory_used_bytes`` (pynvml; 0 without a GPU); counters
+``pie_swap_in_bytes_total``, ``pie_swap_out_bytes_total``, ``pie_swap_stall_seconds_total``; histogram
+``pie_iteration_seconds``. (The engine adds ``pie_gpu_memory_overhead_bytes``, a start-up constant: core/engine.py.)
 Gauges and counters are read from the live objects at scrape time, so they are right even while the engine idles.
 """
 
@@ -35,6 +35,8 @@ _GAUGES = {
                                           "Host KV needed at the settled expansion for the peak KV demand"),
     "pie_recommended_gpu_memory_bytes": ("recommended_gpu_memory_bytes",
                                          "Smallest device KV budget keeping expansion transparent at peak demand"),
+    "pie_expansion_headroom_layers": ("headroom_layers", "Layers m may still grow by now; 0: expansion cannot "
+                                      "absorb more KV (off/static, host limit, back-off ceiling, latency)"),
     "pie_gpu_memory_total_bytes": ("gpu_memory_total_bytes", "GPU memory (pynvml), 0 without a GPU"),
     "pie_gpu_memory_used_bytes": ("gpu_memory_used_bytes", "GPU memory used by all processes, 0 without a GPU"),
 }
@@ -65,7 +67,7 @@ def expansion_state(kv_cache: KVCache | None, controller: ExpansionController | 
                    "host_kv_capacity_bytes": 0, "host_kv_used_bytes": 0, "swap_in_bytes_total": 0,
                    "swap_out_bytes_total": 0, "swap_stall_seconds_total": 0.0, "last_step_stall_seconds": 0.0,
                    "last_step_copy_seconds": 0.0, "recommended_host_memory_bytes": 0,
-                   "recommended_gpu_memory_bytes": 0}
+                   "recommended_gpu_memory_bytes": 0, "headroom_layers": 0}
     if swap is not None:
         state["mode"] = "static"  # swapping without a controller: a fixed m
         stats = swap.stats()

@@ -133,6 +133,10 @@ class Ceiling:
             self.value = None
         return default if self.value is None else self.value
 
+    def peek(self, iteration: int, default: int) -> int:
+        """``limit`` without forgetting an expired value: for readers on another thread (the metrics)."""
+        return default if self.value is None or iteration >= self._until else self.value
+
     def back_off(self, forbidden: int, iteration: int, strong: bool) -> None:
         """Forbid ``forbidden`` and above. ``strong`` evidence (a grow that stalled outright) starts at 4 ttl."""
         self._backoffs = min(max(self._backoffs + 1, 3 if strong else 0), self.max_backoff)

@@ -20,6 +20,7 @@ from pie_operator.autoscale import (
     Decision,
     PodLoad,
     decide,
+    recommend,
 )
 
 NOW = 10_000.0
@@ -194,3 +195,23 @@ def test_the_default_policy_keeps_one_replica_under_any_load() -> None:
     """Defaults (min = max = 1) never add a GPU by surprise: autoscaling is opted into by raising max_replicas."""
     d = decide(AutoscalePolicy(), 1, [pod("pod-a", 100)], state(up=3600), NOW)
     assert (d.replicas, d.reason) == (1, HOLD) and "at max_replicas 1" in d.message
+
+
+@pytest.mark.parametrize(("policy", "replicas", "pods", "expected"), [
+    (P, 2, BUSY, 3),  # ceil(2 x 6 / 4): no window, no step (the external autoscaler has its own)
+    (replace(P, max_replicas=10), 2, [pod("pod-a", 20), pod("pod-b", 20)], 10),
+    (P, 2, [pod("pod-a", 20), pod("pod-b", 20)], 4),  # within max
+    (P, 2, [pod("pod-a", 6, exhausted=False), pod("pod-b", 6)], 2),  # memory first: a pod can still expand
+    (P, 3, IDLE3, 1),  # nothing waiting: one replica holds it (no step limit)
+    (replace(P, min_replicas=2), 3, IDLE3, 2),
+    (P, 2, [pod("pod-a", 2), pod("pod-b", 1)], 2),  # 3 waiting on 1 replica would exceed the headroom
+    (P, 3, [*IDLE3[:2], pod("pod-c", at=None)], 3),  # no evidence: where it is
+    (P, 3, [*IDLE3[:2], pod("pod-c", draining=True)], 3),  # settling
+    (P, 3, BUSY, 3),  # a replica not created yet
+    (replace(P, max_replicas=2), 2, [pod("pod-a", 20), pod("pod-b", 20)], 2),  # bounds
+    (replace(P, min_replicas=2), 1, [pod("pod-a")], 2),
+])
+def test_recommend_is_the_policy_at_this_instant(policy: AutoscalePolicy, replicas: int, pods: list[PodLoad],
+                                                 expected: int) -> None:
+    """What the operator exports for an HPA / KEDA to scale on (pie_operator_recommended_replicas)."""
+    assert recommend(policy, replicas, pods, NOW) == expected

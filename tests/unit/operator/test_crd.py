@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from pie_operator import spec as S
+from pie_operator import spec_autoscaling as A
 from pie_operator.quantity import MAX_BYTES, format_bytes
 from tests.unit.operator.test_spec import MINIMAL, spec_with
 
@@ -116,6 +117,9 @@ def prune_empty(value: Any) -> Any:
     spec_with(**{"model.source": {"pvc": {"claimName": "m"}}, "rollout": {"maxSurge": 1}}),
     spec_with(**{"memory.tuning": {"cooldownSeconds": 5, "gpuMemoryBudgetMin": "8Gi"},
                  "rollout": {"autoRollback": True, "gate": {"engineHealth": False}}}),
+    spec_with(**{"autoscaling": {"enabled": True, "maxReplicas": 3}}),
+    spec_with(**{"autoscaling": {"maxReplicas": 4, "target": {"type": "TTFT", "value": "500ms"},
+                                 "scaleDown": {"maxPods": 2}, "scaleUp": {"windowSeconds": 0}}}),
 ])
 def test_crd_defaults_equal_pydantic_defaults(doc: dict[str, Any]) -> None:
     by_crd = crd_default(SPEC, doc)
@@ -136,6 +140,7 @@ def _literal_values(model: type, field: str) -> list[str]:
     ("memory.apply", S.MemorySpec, "apply"),
     ("memory.tuning.source", S.TuningSpec, "source"),
     ("service.type", S.ServiceSpec, "type"),
+    ("autoscaling.target.type", A.AutoscaleTarget, "type"),
 ])
 def test_enums_match(path: str, model: type, field: str) -> None:
     node = SPEC
@@ -184,3 +189,26 @@ def test_every_byte_quantity_has_the_range_rule() -> None:
                                            ("1.5", False), ("90%", False), ("8GB", False), ("-1", False)])
 def test_budget_pattern(value: str, ok: bool) -> None:
     assert (re.fullmatch(S.BUDGET_RE, value) is not None) == ok
+
+
+AUTOSCALING = SPEC["properties"]["autoscaling"]
+
+
+@pytest.mark.parametrize("message", [A.MAX_REQUIRED_MESSAGE, A.MIN_MAX_MESSAGE, A.SCALE_TO_ZERO_MESSAGE])
+def test_autoscaling_rules_say_what_the_operator_says(message: str) -> None:
+    assert message in [" ".join(r["message"].split()) for r in AUTOSCALING["x-kubernetes-validations"]]
+
+
+def test_autoscaling_target_rule_is_the_operators() -> None:
+    """The CEL rule ties the value's form to the type with the operator's own patterns (written with [.] for a
+    literal dot: CEL string escapes are not needed then) and says the operator's words."""
+    target = AUTOSCALING["properties"]["target"]
+    (rule,) = target["x-kubernetes-validations"]
+    assert " ".join(rule["message"].split()) == A.TARGET_VALUE_MESSAGE
+    cel = " ".join(rule["rule"].split())
+    for pattern in (A.QUEUE_DEPTH_RE, S.DURATION_RE):
+        assert f"matches('{pattern.replace(chr(92) + '.', '[.]')}')" in cel
+    assert "type(self.value) == int ? self.value > 0" in cel  # an integer is a queue depth, never a duration
+    value = target["properties"]["value"]
+    assert (value["pattern"], value["maxLength"], value["minimum"]) == (A.TARGET_VALUE_RE, S.DURATION_MAX_LENGTH, 1)
+    assert target["default"] == A.AutoscalingSpec().target.model_dump(by_alias=True)

@@ -107,7 +107,8 @@ def test_defaults_render_a_hardened_standalone_operator() -> None:
     c = container(docs)
     assert c["image"] == "ghcr.io/pie-project/pie-operator:0.1.0"
     assert c["args"] == ["run", "--all-namespaces", "--resync-seconds=30", "--standalone",
-                         "--liveness=http://0.0.0.0:8080/healthz", "--admin-peer-namespace=pie-system",
+                         "--liveness=http://0.0.0.0:8080/healthz", "--metrics-port=9090",
+                         "--admin-peer-namespace=pie-system",
                          "--admin-peer-labels=app.kubernetes.io/name=pie-operator,app.kubernetes.io/instance=pie",
                          "--memory-mode-label=pie.io/gpu-memory-mode"]
     sc = c["securityContext"]
@@ -117,9 +118,19 @@ def test_defaults_render_a_hardened_standalone_operator() -> None:
     assert c["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
     assert pod["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert c["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
     (crb,) = by_kind(docs, "ClusterRoleBinding")
     assert crb["subjects"] == [{"kind": "ServiceAccount", "name": "pie-pie-operator", "namespace": "pie-system"}]
+
+
+def test_metrics_can_be_turned_off_alone() -> None:
+    c = container(render("--set", "metrics.enabled=false"))
+    assert not any(a.startswith("--metrics-port") for a in c["args"]) and [p["name"] for p in c["ports"]] == ["health"]
+    c = container(render("--set", "liveness.enabled=false", "--set", "metrics.port=9100"))
+    assert "--metrics-port=9100" in c["args"] and c["ports"] == [{"name": "metrics", "containerPort": 9100,
+                                                                  "protocol": "TCP"}]
+    assert "livenessProbe" not in c
 
 
 def test_cluster_rbac_is_exactly_the_expected_list() -> None:
@@ -190,7 +201,8 @@ def test_network_policy_limits_the_operator_to_apiserver_dns_and_engine_ports() 
     assert spec["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "pie-operator",
                                                   "app.kubernetes.io/instance": "pie"}
     assert spec["policyTypes"] == ["Ingress", "Egress"]
-    assert spec["ingress"] == [{"ports": [{"port": "health", "protocol": "TCP"}]}]
+    assert spec["ingress"] == [{"ports": [{"port": "health", "protocol": "TCP"}]},
+                               {"ports": [{"port": "metrics", "protocol": "TCP"}]}]
     api, engines, dns = spec["egress"]
     assert api == {"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}],
                    "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}]}

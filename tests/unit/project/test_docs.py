@@ -22,15 +22,18 @@ def test_crd_reference_is_up_to_date() -> None:
 @pytest.fixture(scope="module")
 def exported(tiny_model) -> list[Metric]:
     """Every metric family a real server exposes: the server's registry built the way server/app.py builds it,
-    over a small real engine with adaptive expansion (so every Pie collector is there)."""
+    over a small real engine with adaptive expansion (so every Pie collector is there); and the operator's own
+    (pie_operator.exporter, what `pie-operator run --metrics-port` serves)."""
     from pie_engine.config import EngineConfig
     from pie_engine.factory import create_engine
     from pie_engine.server.metrics import ServerMetrics
+    from pie_operator.exporter import Exporter
 
     engine = create_engine(EngineConfig(model=str(tiny_model("llama")), device="cpu", dtype="float32",
                                         num_device_blocks=16, expansion="adaptive"))
     try:
-        return list(ServerMetrics(engine.stats, "tiny", extra_collectors=engine.metrics_collectors).registry.collect())
+        server = ServerMetrics(engine.stats, "tiny", extra_collectors=engine.metrics_collectors).registry.collect()
+        return [*server, *Exporter().registry.collect()]
     finally:
         engine.kv_runtime.close()
 

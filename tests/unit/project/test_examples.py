@@ -31,7 +31,7 @@ def pieds(path: Path) -> list[dict[str, Any]]:
 
 def test_the_expected_examples_exist() -> None:
     assert {p.name for p in EXAMPLES} >= {"minimal.yaml", "llama3-8b-gh200.yaml", "opt-13b-adaptive.yaml",
-                                         "static-expansion.yaml"}
+                                         "static-expansion.yaml", "autoscaling.yaml"}
     names = [d["metadata"]["name"] for p in EXAMPLES for d in pieds(p)]
     assert len(names) == len(set(names)), names  # all of them can live in one namespace
 
@@ -59,5 +59,7 @@ def test_examples_cover_each_expansion_mode_the_docs_promise() -> None:
     assert by_name["static-expansion.yaml"].memory.expansion.ratio == 2.0
     opt = by_name["opt-13b-adaptive.yaml"].memory
     assert opt.expansion.mode == "adaptive" and opt.host_memory.max is not None
+    auto = by_name["autoscaling.yaml"].autoscaling
+    assert auto.enabled and auto.max_replicas is not None and auto.max_replicas > auto.min_replicas
     llama = by_name["llama3-8b-gh200.yaml"]
     assert llama.model.dtype == "bfloat16" and llama.model.source.pvc is not None

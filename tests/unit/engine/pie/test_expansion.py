@@ -87,6 +87,27 @@ def test_a_jump_stops_below_a_known_overhead_ceiling() -> None:
     assert ctrl.m == 2 and ctrl.num_grows == 3  # wants m = 6, but 3 and above caused overhead
 
 
+def test_headroom_is_what_the_controller_may_still_grow_by() -> None:
+    """The operator's "expansion exhausted" signal (pie_expansion_headroom_layers): layers up to the host limit, less
+    a back-off's ceiling; 0 where expansion cannot absorb more KV."""
+    ctrl = ExpansionController(GEO)
+    assert ctrl.headroom_layers == ctrl.max_layers_on_host == N - 1  # nothing measured yet: all of it
+    run(ctrl, 400, lambda m: 0.0 if m <= 2 else 0.10)  # backs off from 3: the ceiling
+    assert (ctrl.m, ctrl.headroom_layers) == (2, 0)
+    limited = ExpansionController(GEO, host_memory_limit=GEO.host_bytes(3))
+    assert limited.headroom_layers == 3
+    run(limited, 300, lambda m: 0.0)
+    assert (limited.m, limited.headroom_layers) == (3, 0)  # at the host memory limit
+    for setting in ("off", "2.0"):
+        assert ExpansionController.from_setting(setting, GEO).headroom_layers == 0  # nothing to expand
+
+
+def test_headroom_is_zero_while_latency_leaves_no_room_to_grow() -> None:
+    ctrl = ExpansionController(GEO, config=ControllerConfig(latency_target=0.005))  # every iteration misses it
+    run(ctrl, 2 * ctrl.config.window, lambda m: 0.0)
+    assert ctrl.m == 0 and ctrl.max_layers_on_host > 0 and ctrl.headroom_layers == 0
+
+
 def test_no_demand_no_growth() -> None:
     ctrl = ExpansionController(GEO)
     assert set(run(ctrl, 100, lambda m: 0.0, blocks=10)) == {0}

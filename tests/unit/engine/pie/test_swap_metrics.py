@@ -21,6 +21,7 @@ NAMES = {
     "pie_host_kv_used_bytes", "pie_swap_in_bytes_total", "pie_swap_out_bytes_total", "pie_swap_stall_seconds_total",
     "pie_recommended_host_memory_bytes", "pie_recommended_gpu_memory_bytes", "pie_gpu_memory_total_bytes",
     "pie_gpu_memory_used_bytes", "pie_iteration_seconds_count", "pie_iteration_seconds_sum",
+    "pie_expansion_headroom_layers",
 }
 
 
@@ -61,6 +62,7 @@ def test_metric_names_and_live_values(cache: LayerSwapKVCache) -> None:
     assert values["pie_recommended_host_memory_bytes"] == ctrl.recommended_host_memory_bytes > 0
     assert values["pie_gpu_memory_total_bytes"] == 0  # no GPU here
     assert values["pie_iteration_seconds_count"] == 5
+    assert values["pie_expansion_headroom_layers"] == 0  # static: nothing to expand
     driver.step()  # values are read at scrape time
     assert scrape(registry)["pie_swap_in_bytes_total"] > values["pie_swap_in_bytes_total"]
 
@@ -68,6 +70,7 @@ def test_metric_names_and_live_values(cache: LayerSwapKVCache) -> None:
 def test_expansion_state_json(cache: LayerSwapKVCache) -> None:
     ctrl = ExpansionController(cache.geometry)
     state = json.loads(json.dumps(expansion_state(cache, ctrl, swap=cache)))
+    assert state["headroom_layers"] == ctrl.headroom_layers > 0  # adaptive, nothing measured: room to grow
     assert state["mode"] == "adaptive" and state["layers_on_host"] == 3 and state["target_layers_on_host"] == 0
     assert state["host_memory_limit"] is None and state["num_layers"] == 6
     off = expansion_state(DeviceKVCache(4, 10, 4, 2, 4, torch.float32, torch.device("cpu")))
