@@ -11,6 +11,8 @@ routing, let in-flight requests finish, then delete): the decision names the pod
 
 Rules, in order:
 1. Bounds: desired replicas outside [min, max] move to the bound at once (the policy changed), by draining for max.
+   Give back: a replica not Ready `ready_timeout` after its creation (no free GPU) goes, down to min: rule 2 would
+   otherwise wait for it for ever.
 2. Settling: a pod draining, a replica not created or not Ready yet, or more pods than replicas -> hold: the last change
    has not landed, and samples taken meanwhile describe neither the old size nor the new one.
 3. Evidence: an active pod without a fresh sample or without the target's signal -> hold (an unscraped pod may be the
@@ -35,8 +37,8 @@ from dataclasses import dataclass, replace
 QUEUE_DEPTH, TTFT, TPOT = "QueueDepth", "TTFT", "TPOT"
 TARGETS = (QUEUE_DEPTH, TTFT, TPOT)
 # Decision reasons (status.autoscaling.reason; status.decisions[].reason of a change of the count).
-SCALE_UP, SCALE_DOWN, BOUNDS, SETTLING, NO_METRICS, HOLD = (
-    "ScaleUp", "ScaleDown", "Bounds", "Settling", "NoMetrics", "Hold")
+SCALE_UP, SCALE_DOWN, BOUNDS, SETTLING, NO_METRICS, HOLD, GIVE_BACK = (
+    "ScaleUp", "ScaleDown", "Bounds", "Settling", "NoMetrics", "Hold", "GiveBack")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,10 @@ class AutoscalePolicy:
     max_scale_down_step: int = 1
     scale_down_headroom: float = 0.7  # the survivors must stay this far below the target, or the next step undoes it
     max_sample_age: float = 60.0  # an older sample is no evidence
+    # A replica not Ready this long after its creation is given back (above min_replicas): no GPU was free for it, or
+    # it cannot start. Settling waits for every replica, so holding for one that never comes would block every
+    # later decision, scale-downs included.
+    ready_timeout: float = 600.0
     scale_to_zero: bool = False
 
     def __post_init__(self) -> None:
@@ -73,6 +79,8 @@ class AutoscalePolicy:
                 bad.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not 0 < self.scale_down_headroom <= 1:
             bad.append(f"scale_down_headroom must be in (0, 1] (got {self.scale_down_headroom})")
+        if not 0 < self.ready_timeout < math.inf:
+            bad.append(f"ready_timeout must be a finite number of seconds > 0 (got {self.ready_timeout})")
         if not 0 < self.max_sample_age < math.inf:
             bad.append(f"max_sample_age must be a finite number of seconds > 0 (got {self.max_sample_age})")
         if self.scale_to_zero:
@@ -97,6 +105,7 @@ class PodLoad:
     expansion_exhausted: bool = False
     expansion: str = ""  # how far it expanded, for messages (e.g. "1.5x of max 3x")
     at: float | None = None
+    created: float | None = None  # the pod's creation time (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -212,6 +221,12 @@ def decide(policy: AutoscalePolicy, replicas: int, pods: Sequence[PodLoad], stat
         drain = _emptiest(active, len(active) - p.max_replicas)
         return Decision(p.max_replicas, drain, BOUNDS, f"{replicas} replica(s) is above max_replicas: {replicas} -> "
                         f"{p.max_replicas}" + (f", draining {_names(drain)}" if drain else ""), AutoscaleState())
+    stuck = sorted(x.name for x in active if not x.ready and x.created is not None
+                   and now - x.created >= p.ready_timeout)[:max(0, replicas - p.min_replicas)]
+    if stuck:
+        return Decision(replicas - len(stuck), tuple(stuck), GIVE_BACK, f"{_names(stuck)} not Ready "
+                        f"{p.ready_timeout:g}s after creation (no free GPU, or it cannot start): giving the "
+                        f"replica(s) back: {replicas} -> {replicas - len(stuck)}", AutoscaleState())
     if (why := _unsettled(p, replicas, pods, now)) is not None:
         return hold(*why)
 

@@ -18,6 +18,7 @@ from pie_operator.observe import PodView
 from pie_operator.planning import Pod, is_ready
 from pie_operator.quantity import format_bytes
 from pie_operator.scrape import EngineMetrics
+from pie_operator.tuning import parse_ts
 
 KV_BOUND = 0.9  # the engine controller's usage_high (pie_engine/pie/controller_config.py)
 
@@ -43,12 +44,13 @@ def exhaustion(m: EngineMetrics, mode: str, host_max: int | None) -> tuple[bool,
 def pod_load(pod: Pod, view: PodView | None, *, draining: bool, mode: str, host_max: int | None) -> PodLoad:
     """`pod` as the policy sees it from its latest fresh scrape (`view.last_ok`; none: no evidence)."""
     name = pod["metadata"]["name"]
+    created = parse_ts(pod["metadata"].get("creationTimestamp"))
     obs = view.last_ok if view is not None else None
     if obs is None or obs.metrics is None:
-        return PodLoad(name, is_ready(pod), draining)
+        return PodLoad(name, is_ready(pod), draining, created=created)
     m = obs.metrics
     exhausted, expansion = exhaustion(m, mode, host_max)
     assert view is not None
     return PodLoad(name, is_ready(pod), draining, in_flight=int(m["pie_num_requests_running"]),
                    waiting=int(m["pie_num_requests_waiting"]), ttft_p95=view.ttft_p95, tpot_p95=view.tpot_p95,
-                   expansion_exhausted=exhausted, expansion=expansion, at=obs.at)
+                   expansion_exhausted=exhausted, expansion=expansion, at=obs.at, created=created)

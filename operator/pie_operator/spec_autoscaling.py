@@ -63,6 +63,7 @@ def _default_target() -> AutoscaleTarget:
 class ScaleUp(SpecModel):
     window_seconds: int = Field(default=60, ge=0)
     max_pods: int = Field(default=1, ge=1)
+    ready_timeout_seconds: int = Field(default=600, ge=1)
 
 
 class ScaleDown(SpecModel):
@@ -101,4 +102,5 @@ class AutoscalingSpec(SpecModel):
             scale_up_window=float(self.scale_up.window_seconds),
             scale_down_window=float(self.scale_down.window_seconds),
             max_scale_up_step=self.scale_up.max_pods, max_scale_down_step=self.scale_down.max_pods,
+            ready_timeout=float(self.scale_up.ready_timeout_seconds),
             scale_down_headroom=self.scale_down.headroom_percent / 100.0, max_sample_age=MAX_SAMPLE_AGE)

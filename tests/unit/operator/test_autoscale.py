@@ -9,6 +9,7 @@ import pytest
 
 from pie_operator.autoscale import (
     BOUNDS,
+    GIVE_BACK,
     HOLD,
     NO_METRICS,
     SCALE_DOWN,
@@ -86,6 +87,15 @@ IDLE3 = [pod("pod-a", in_flight=5), pod("pod-b", in_flight=2), pod("pod-c", in_f
      "waiting for pod-c to drain"),
     (P, 2, [pod("pod-a"), pod("pod-b", ready=False)], state(down=600), (2, (), SETTLING, None, None),
      "waiting for pod-b to become Ready"),
+    # a replica that never becomes Ready (no free GPU) is given back, down to min, instead of blocking for ever
+    (P, 2, [pod("pod-a", 6), pod("pod-b", ready=False, created=NOW - 599)], state(), (2, (), SETTLING, None, None),
+     "waiting for pod-b to become Ready"),
+    (P, 2, [pod("pod-a", 6), pod("pod-b", ready=False, created=NOW - 600)], state(),
+     (1, ("pod-b",), GIVE_BACK, None, None), "pod-b not Ready 600s after creation (no free GPU"),
+    (P, 3, [pod("a", ready=False, created=NOW - 900), pod("b", ready=False, created=NOW - 700), pod("c", 6)],
+     state(), (1, ("a", "b"), GIVE_BACK, None, None), "3 -> 1"),
+    (replace(P, min_replicas=2), 2, [pod("a", ready=False, created=NOW - 900), pod("b", ready=False, created=NOW)],
+     state(), (2, (), SETTLING, None, None), "waiting for a, b to become Ready"),  # min: nothing to give back
     (P, 3, BUSY, state(up=600), (3, (), SETTLING, None, None), "waiting for 1 of 3 replica(s) to be created"),
     (P, 1, BUSY, state(down=600), (1, (), SETTLING, None, None), "2 pods for 1 replica(s)"),
     # no evidence, no change: unscraped or stale pods block scale-down (and scale-up)

@@ -237,3 +237,19 @@ def test_a_restarted_operator_starts_the_windows_afresh() -> None:
     w.scrape(engine(waiting=10))
     w.run()
     assert w.autoscaling["upSince"] not in ("", since)
+
+
+def test_a_replica_that_never_becomes_ready_is_given_back() -> None:
+    """No GPU free for the new replica (never scheduled): after scaleUp.readyTimeoutSeconds it is deleted and the
+    count goes back, instead of settling waiting for it for ever (and so never scaling down either)."""
+    w = World(scaleUp={"windowSeconds": 0, "readyTimeoutSeconds": 120})
+    w.kube.now = T0 + timedelta(seconds=w.t)  # the new pod's creationTimestamp
+    w.scrape(engine(waiting=10))
+    (new,) = w.run().created
+    deleted: list[str] = []
+    while not deleted and w.t < 200:
+        w.scrape(engine(waiting=10))
+        deleted = w.run().deleted
+        assert w.t >= 120 or not deleted  # not before the timeout
+    assert deleted == [new] and w.autoscaling["desiredReplicas"] == 1 and w.autoscaling["reason"] == "GiveBack"
+    assert any("not Ready 120s after creation" in e for e in w.events("ReplicaDecision"))
