@@ -128,8 +128,12 @@ class ExpansionController:
             return self.m
         window = self.evidence.last()
         self.overhead, self.overheads, self.stall_fraction = Evidence.measure(window, self.m)
-        self._room = self._latency_allows_growth(window) and self.stall_fraction < cfg.grow_stall_fraction
-        self._hold_reason = "hold"
+        link_ok = self._link_allows_growth(window)
+        self._room = (self._latency_allows_growth(window) and self.stall_fraction < cfg.grow_stall_fraction
+                      and link_ok)
+        self._hold_reason = "hold" if link_ok else (
+            f"hold: the measured link would not move m = {self.m + 1}'s copies within "
+            f"{self.link.margin:.0%} of a step")
         if self.m > 0 and (verdict := self._guard()) is not None:
             return verdict
         if self._probe is not None and (verdict := self._judge_probe(window)) is not None:
@@ -139,7 +143,7 @@ class ExpansionController:
         # NOTE: leave m = 0 only with a usable baseline whose error is known, or overhead that is not a stall would
         # go unseen.
         baseline_ready = self.m > 0 or self.baseline.error() is not None
-        if (baseline_ready and self._latency_allows_growth(window) and self.stall_fraction < cfg.grow_stall_fraction
+        if (baseline_ready and self._room
                 and demand_share >= cfg.demand_fraction and self.m + 1 <= self.max_layers_on_host
                 and self.m + 1 < ceiling and self._probe is None):
             return self._grow(self._grow_target(window, ceiling), f"demand with overhead {self.overhead:.3f}",
@@ -272,6 +276,17 @@ class ExpansionController:
         if cfg.latency_target is not None:
             return mean_iteration(window) < cfg.latency_target * cfg.grow_overhead / cfg.epsilon
         return self.overhead < cfg.grow_overhead
+
+    def _link_allows_growth(self, window: list[Entry]) -> bool:
+        """m + 1's swap-ins fit the window's compute on the measured link (always, while it is unmeasured).
+        NOTE: also for a one-layer grow once the link is measured: on served tiny at a PCIe-like throttle, a check
+        that hid while admission work lengthened the first steps was followed, after its jump was undone, by m = 1
+        retried and stalling 11-15% twice (run 6)."""
+        if self.m + 1 >= self.geometry.num_layers:
+            return True  # no m + 1 at all: the host limit's rule says so, not the link
+        wanted = max(s.wanted for s, _, _ in window)
+        compute = sum(e.iteration_seconds - e.stall_seconds for e, _, _ in window) / len(window)
+        return self.link.fits(self.geometry, self.m + 1, wanted, compute)
 
     def _grow_target(self, window: list[Entry], ceiling: int) -> int:
         """m + 1, or the smallest m that holds ``grow_headroom`` times the window's peak KV demand when that demand

@@ -422,3 +422,19 @@ def test_a_link_check_that_would_stall_once_its_capacity_fills_is_undone() -> No
         history.append(ctrl.m)
     assert max(history) == 1 and ctrl.m == 0 and "link check" in ctrl.changes[-1][2], ctrl.changes
     assert ctrl.state()["ceiling"] == 1
+
+
+@pytest.mark.parametrize(("seconds_per_byte", "grows"), [(1e-12, True), (1e-6, False)])
+def test_once_the_link_is_measured_a_grow_its_copies_would_not_fit_is_not_taken(seconds_per_byte: float,
+                                                                              grows: bool) -> None:
+    """Copies were once seen to hide (no link check any more) and the link is measured: under demand, m grows only
+    if one more layer's swap-ins fit the margin of a step; if not, it holds, says why, and reports no headroom (the
+    operator's 'expansion exhausted')."""
+    ctrl = ExpansionController(GEO)
+    ctrl.watch.copies_hid = True
+    ctrl.link.seconds_per_byte = seconds_per_byte  # 1e-6: m = 1 moves 3 x 100 blocks in 0.3 s of a ~20 ms step
+    hist = run(ctrl, 200, lambda m: 0.0)
+    assert (max(hist) > 0) == grows, steps_of(hist)
+    if not grows:
+        assert "measured link would not move m = 1's copies" in ctrl.last_decision
+        assert ctrl.headroom_layers == 0
