@@ -245,12 +245,12 @@ def decide(policy: AutoscalePolicy, replicas: int, pods: Sequence[PodLoad], stat
         if n >= p.max_replicas:
             return hold(HOLD, f"{what} with expansion exhausted on every pod, but at max_replicas {p.max_replicas}", st)
         if held < p.scale_up_window:
-            return hold(HOLD, f"{what} with expansion exhausted on every pod for {held:g}s of the "
+            return hold(HOLD, f"{what} with expansion exhausted on every pod for {held:.0f}s of the "
                         f"{p.scale_up_window:g}s scale-up window", st)
         want = math.ceil(n * value / p.target_value)
         new = min(max(want, n + 1), n + p.max_scale_up_step, p.max_replicas)
         capped = f" (wanted {want}, capped by max_scale_up_step / max_replicas)" if new < want else ""
-        return Decision(new, (), SCALE_UP, f"{what} for {held:g}s with expansion exhausted on every pod: "
+        return Decision(new, (), SCALE_UP, f"{what} for {held:.0f}s with expansion exhausted on every pod: "
                         f"{n} -> {new} replicas{capped}", AutoscaleState())
     if missed:
         x = expandable[0]
@@ -259,10 +259,10 @@ def decide(policy: AutoscalePolicy, replicas: int, pods: Sequence[PodLoad], stat
     if down_since is not None:
         held = now - down_since
         if held < p.scale_down_window:
-            return hold(HOLD, f"{what}: {n - 1} replica(s) would hold it, for {held:g}s of the "
+            return hold(HOLD, f"{what}: {n - 1} replica(s) would hold it, for {held:.0f}s of the "
                         f"{p.scale_down_window:g}s scale-down window", st)
         drain = _emptiest(active, fewer)
-        return Decision(n - fewer, drain, SCALE_DOWN, f"{what} for {held:g}s: {n - fewer} replica(s) hold it within "
+        return Decision(n - fewer, drain, SCALE_DOWN, f"{what} for {held:.0f}s: {n - fewer} replica(s) hold it within "
                         f"{p.scale_down_headroom:.0%} of the target: {n} -> {n - fewer}, draining {_names(drain)}",
                         AutoscaleState())
     if n <= p.min_replicas:

@@ -11,6 +11,7 @@ Prometheus text) or "none" (nothing listens). `Load` sends OpenAI completions to
 from __future__ import annotations
 
 import base64
+import random
 import subprocess
 import sys
 import threading
@@ -149,9 +150,11 @@ class EngineFleet:
 
 
 class Load:
-    """`streams` concurrent completion requests against one engine, each followed by the next, until stopped."""
+    """`streams` concurrent completion requests, each followed by the next, until stopped: against one engine
+    (`url`), or each to a random one of the engines `url()` names at the time (a router; none: wait)."""
 
-    def __init__(self, url: str, model: str, streams: int = 6, prompt_words: int = 20, max_tokens: int = 64) -> None:
+    def __init__(self, url: str | Callable[[], list[str]], model: str, streams: int = 6, prompt_words: int = 20,
+                 max_tokens: int = 64) -> None:
         self.url, self.model, self.streams = url, model, streams
         self.body = {"model": model, "prompt": " ".join(["tell me a long story"] * (prompt_words // 5)),
                      "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
@@ -162,15 +165,18 @@ class Load:
     def _run(self) -> None:
         with httpx.Client(trust_env=False, timeout=60) as client:
             while not self._stop.is_set():
+                if not (url := self.url if isinstance(self.url, str) else random.choice(self.url() or [""])):
+                    time.sleep(0.1)
+                    continue
                 try:
-                    r = client.post(f"{self.url}/v1/completions", json=self.body)
+                    r = client.post(f"{url}/v1/completions", json=self.body)
                     if r.status_code == 200:
                         self.completed += 1
                     else:
-                        self.errors.append(f"{r.status_code}: {r.text[:200]}")
+                        self.errors.append(f"{url}: {r.status_code}: {r.text[:200]}")
                         time.sleep(0.2)
                 except httpx.HTTPError as e:
-                    self.errors.append(repr(e))
+                    self.errors.append(f"{url}: {e!r}")
                     time.sleep(0.2)
 
     def __enter__(self) -> Load:
