@@ -89,9 +89,8 @@ def summarize(results: Path, suffix: str = "") -> dict[str, object]:
             "goals": scale["goals"]}
     tables = []
     if served_path.is_file():
-        tables = ["", "## Served adaptive expansion (wall clock, output tokens/s, medians of "
-                  f"{served['rounds']} interleaved round(s))", "", *served_expansion.summary_table(served), "",
-                  served_expansion.CAVEAT]
+        tables = ["", "## Served adaptive expansion (wall clock, output tokens/s, medians of each row's interleaved "
+                  "rounds)", "", *served_expansion.summary_table(served), "", served_expansion.CAVEAT]
     path = save("summary" + suffix, summary)
     (path.parent / f"summary{suffix}.md").write_text(render_markdown(summary, tables))
     return summary

@@ -227,7 +227,8 @@ def plot(result: dict, quick: bool, name: str = "served_expansion") -> None:
 
 
 def median_tok_s(model_entry: dict, workload: str, cfg: str) -> float:
-    block = model_entry["ideal"] if cfg == "ideal" else model_entry["workloads"][workload]["configs"].get(cfg)
+    w = model_entry["workloads"][workload]
+    block = w.get("ideal", model_entry["ideal"]) if cfg == "ideal" else w["configs"].get(cfg)
     return 0.0 if block is None else block["median"]["wall_output_tok_s"]  # not run (throttled statics)
 
 
@@ -241,18 +242,20 @@ CAVEAT = ("A CPU \"device\" says nothing of GPU copy costs: here both tiers are 
 def summary_table(result: dict) -> list[str]:
     """Markdown: per model and workload, median wall output tokens/s of each configuration and adaptive's ratios,
     from one served_expansion.json (bench/run_all.py puts it in summary.md)."""
-    lines = ["| model | workload | off | adaptive | best static | ideal | adaptive / off | adaptive / best static "
-             "| adaptive / ideal | adaptive's final m | load avg |", "|---" * 11 + "|"]
+    lines = ["| model | workload | rounds | off | adaptive | best static | ideal | adaptive / off | adaptive / best "
+             "static | adaptive / ideal | adaptive's final m | load avg |", "|---" * 12 + "|"]
     for m, e in result["models"].items():
-        ideal = e["ideal"]["median"]["wall_output_tok_s"]
         for wl, w in e["workloads"].items():
+            ideal = w.get("ideal", e["ideal"])["median"]["wall_output_tok_s"]  # a merged row keeps its own
             tok = {k: c["median"]["wall_output_tok_s"] for k, c in w["configs"].items()}
             r, best = w["ratios"], w["ratios"]["best_static"]
             runs = w["configs"]["adaptive"]["runs"]
             final = "/".join(str(x["server_expansion_state"]["layers_on_host"]) for x in runs)
             load = "/".join(f"{x['loadavg_before'][0]:.1f}" for x in runs)
             static = "-" if best is None else f"{tok[best]:.1f} ({best})"
-            lines.append(f"| {m} | {wl} | {tok['off']:.1f} | {tok['adaptive']:.1f} | {static} | {ideal:.1f} | "
+            rounds = w.get("rounds", result["rounds"])
+            lines.append(f"| {m} | {wl} | {rounds} | {tok['off']:.1f} | {tok['adaptive']:.1f} | {static} | "
+                         f"{ideal:.1f} | "
                          f"{r['adaptive_vs_off']} | {r['adaptive_vs_best_static'] or '-'} | {r['adaptive_vs_ideal']} | "
                          f"{final} | {load} |")
     return lines
