@@ -30,17 +30,15 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import kubernetes
 
 from bench.common import RESULTS, percentiles, save
 from tests.cluster.cluster import Cluster
-from tests.e2e.engines import EngineFleet
+from tests.e2e.engines import EngineFleet, Router
 from tests.e2e.helpers import PYTHONPATH, REPO, Operator, delete_namespace, get, new_namespace
 from tests.e2e.test_closed_loop import LOOP, PORT, deployment
 
@@ -80,40 +78,7 @@ def spec_of(config: str) -> dict[str, Any]:
     return doc
 
 
-class Watch:
-    """Every 0.5 s: the routable pods (Ready, labelled serving) and the pods holding a GPU (bound to a node)."""
-
-    def __init__(self, k8s: Cluster, ns: str) -> None:
-        self.api = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(str(k8s.kubeconfig)))
-        self.ns, self.targets, self.timeline = ns, list[str](), list[tuple[float, int]]()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            items = self.api.list_namespaced_pod(self.ns, label_selector=f"pie.io/deployment={LOOP}").items
-            self.targets = [f"http://{p.status.pod_ip}:{PORT}" for p in items
-                            if p.metadata.deletion_timestamp is None and p.status.pod_ip
-                            and (p.metadata.labels or {}).get("pie.io/serving") == "true"
-                            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
-            gpus = sum(1 for p in items if p.spec.node_name and p.status.phase not in ("Succeeded", "Failed"))
-            self.timeline.append((time.perf_counter(), gpus))
-            self._stop.wait(0.5)
-
-    def gpu_seconds(self, t0: float, t1: float) -> float:
-        pts = [(t, n) for t, n in self.timeline if t0 <= t <= t1]
-        return sum((b[0] - a[0]) * a[1] for a, b in zip(pts, pts[1:], strict=False))
-
-    def __enter__(self) -> Watch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
-async def one(client: httpx.AsyncClient, watch: Watch, at: float, t0: float) -> dict[str, Any]:
+async def one(client: httpx.AsyncClient, watch: Router, at: float, t0: float) -> dict[str, Any]:
     """One request sent at ``t0 + at`` to a random routable pod; its TTFT (wall) or its error."""
     await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
     while not watch.targets:
@@ -137,7 +102,7 @@ async def one(client: httpx.AsyncClient, watch: Watch, at: float, t0: float) -> 
         return {"at": at, "error": f"{url}: {e!r}"}
 
 
-async def replay(watch: Watch, times: list[float]) -> tuple[list[dict[str, Any]], float]:
+async def replay(watch: Router, times: list[float]) -> tuple[list[dict[str, Any]], float]:
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=180, trust_env=False, limits=httpx.Limits(max_connections=500)) as client:
         return list(await asyncio.gather(*(one(client, watch, at, t0) for at in times))), t0
@@ -149,7 +114,7 @@ def run_config(k8s: Cluster, config: str, model: Path, times: list[float], durat
                   "1", "--metrics-timeout-seconds", "1")
     op.start()
     try:
-        with EngineFleet(k8s, ns, LOOP, model, work / config) as _, Watch(k8s, ns) as watch:
+        with EngineFleet(k8s, ns, LOOP, model, work / config) as _, Router(k8s, ns, LOOP, PORT, interval=0.5) as watch:
             k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(spec_of(config)))
             deadline = time.monotonic() + 180
             while not watch.targets and time.monotonic() < deadline:

@@ -149,6 +149,43 @@ class EngineFleet:
                          for _, log in self.procs.values() if log.exists() and log.is_file())
 
 
+class Router:
+    """What a Service would route to, polled every `interval` s: `targets`, the URLs (port `port`) of deployment
+    `name`'s pods that are Ready and labelled serving; and `timeline`, (time, pods holding a GPU: bound to a node,
+    not finished) at each poll, for `gpu_seconds`."""
+
+    def __init__(self, k8s: Cluster, ns: str, name: str, port: int, interval: float = 0.3) -> None:
+        self.api = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(str(k8s.kubeconfig)))
+        self.ns, self.name, self.port, self.interval = ns, name, port, interval
+        self.targets: list[str] = []
+        self.timeline: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            items = self.api.list_namespaced_pod(self.ns, label_selector=f"pie.io/deployment={self.name}").items
+            self.targets = [f"http://{p.status.pod_ip}:{self.port}" for p in items
+                            if p.metadata.deletion_timestamp is None and p.status.pod_ip
+                            and (p.metadata.labels or {}).get("pie.io/serving") == "true"
+                            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
+            gpus = sum(1 for p in items if p.spec.node_name and p.status.phase not in ("Succeeded", "Failed"))
+            self.timeline.append((time.perf_counter(), gpus))
+            self._stop.wait(self.interval)
+
+    def gpu_seconds(self, t0: float, t1: float) -> float:
+        pts = [(t, n) for t, n in self.timeline if t0 <= t <= t1]
+        return sum((b[0] - a[0]) * a[1] for a, b in zip(pts, pts[1:], strict=False))
+
+    def __enter__(self) -> Router:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 class Load:
     """`streams` concurrent completion requests, each followed by the next, until stopped: against one engine
     (`url`), or each to a random one of the engines `url()` names at the time (a router; none: wait)."""

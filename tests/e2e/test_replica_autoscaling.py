@@ -9,18 +9,15 @@ the serving label -- and counts every request: none may fail. The replica count 
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import kubernetes
 import pytest
 
 from tests.cluster.cluster import Cluster
-from tests.e2e.engines import EngineFleet, Load
+from tests.e2e.engines import EngineFleet, Load, Router
 from tests.e2e.helpers import Operator, events, get, running_operator, wait_for
 from tests.e2e.test_closed_loop import LOOP, PORT, apply_loop, deployment, fleet, pods  # noqa: F401 -- fixtures
 
@@ -35,33 +32,6 @@ def operator(k8s: Cluster, ns: str, tmp_path: Path) -> Iterator[Operator]:
     flags = ("--resync-seconds", "2", "--metrics-interval-seconds", "1", "--metrics-timeout-seconds", "1")
     with running_operator(k8s, ns, tmp_path, *flags) as op:
         yield op
-
-
-class Router:
-    """The Service's endpoints as a client sees them: the Ready pods labelled serving, refreshed every 0.3 s."""
-
-    def __init__(self, k8s: Cluster, ns: str) -> None:
-        self.api = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(str(k8s.kubeconfig)))
-        self.ns, self.targets = ns, list[str]()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            items = self.api.list_namespaced_pod(self.ns, label_selector=f"pie.io/deployment={LOOP},"
-                                                                         "pie.io/serving=true").items
-            self.targets = [f"http://{p.status.pod_ip}:{PORT}" for p in items
-                            if p.metadata.deletion_timestamp is None and p.status.pod_ip
-                            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
-            time.sleep(0.3)
-
-    def __enter__(self) -> Router:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 def desired(k8s: Cluster, ns: str) -> int | None:
@@ -80,7 +50,7 @@ def test_memory_first_then_a_replica_then_drained_back(k8s: Cluster, ns: str, op
     (first,) = pods(k8s, ns, LOOP)
     first_url = f"http://{first['status']['podIP']}:{PORT}"
     seen_desired: set[int] = set()
-    with Router(k8s, ns) as router, Load(lambda: router.targets, LOOP, streams=2, max_tokens=48) as light:
+    with Router(k8s, ns, LOOP, PORT) as router, Load(lambda: router.targets, LOOP, streams=2, max_tokens=48) as light:
         with Load(lambda: router.targets, LOOP, streams=10, max_tokens=48) as burst:
             expanded = 0  # the first engine's m, at most, before a second pod existed
 
