@@ -87,6 +87,16 @@ def summarize(results: Path, suffix: str = "") -> dict[str, object]:
             "spec_change_in_place": {k: v for k, v in scale["spec_change_in_place"].items()
                                      if k.startswith("all_pods_updated")},
             "goals": scale["goals"]}
+    # Replica autoscaling on replayed traces: a separate run too (`python -m bench.autoscale_trace --trace ...`).
+    for trace in ("", "_sustained"):
+        trace_path = results / f"autoscale_trace{trace}.json"
+        if trace_path.is_file():
+            t = json.loads(trace_path.read_text())
+            summary[f"autoscale_trace{trace}"] = {
+                "rounds": t.get("rounds", 1), "ttft_target_s": t["ttft_target_s"],
+                **{c: {"gpu_seconds": r["gpu_seconds"], "wall_ttft_p99_s": r["wall_ttft_s"]["p99"],
+                       "failed": r["num_failed"]} for c, r in t["configs"].items()},
+                "goal_pass": t["goal_both_meets_target_with_fewer_gpu_seconds_than_replicas_only"]["pass"]}
     tables = []
     if served_path.is_file():
         tables = ["", "## Served adaptive expansion (wall clock, output tokens/s, medians of each row's interleaved "

@@ -18,7 +18,7 @@ import pytest
 
 from tests.cluster.cluster import Cluster
 from tests.e2e.engines import EngineFleet, Load, Router
-from tests.e2e.helpers import Operator, events, get, running_operator, wait_for
+from tests.e2e.helpers import Operator, condition, events, get, running_operator, wait_for
 from tests.e2e.test_closed_loop import LOOP, PORT, apply_loop, deployment, fleet, pods  # noqa: F401 -- fixtures
 
 pytestmark = pytest.mark.e2e
@@ -87,3 +87,27 @@ def test_memory_first_then_a_replica_then_drained_back(k8s: Cluster, ns: str, op
     for e in events(k8s, ns, LOOP):
         if e["reason"] in ("ReplicaDecision", "DeletedDrained"):
             print(f"{e['reason']}: {e['message']}")
+
+
+def test_someone_else_scaling_is_a_conflict_not_followed(k8s: Cluster, ns: str, operator: Operator,
+                                                         fleet: EngineFleet) -> None:  # noqa: F811 -- the fixture
+    """An HPA, a KEDA ScaledObject and `kubectl scale` all write the scale subresource (spec.replicas). With
+    spec.autoscaling enabled the operator's own decision wins and AutoscalerConflict says why; disabling
+    spec.autoscaling hands the count back to spec.replicas."""
+    quiet = AUTOSCALING | {"scaleUp": {"windowSeconds": 600, "maxPods": 1}}  # no load: its own decision is 1
+    apply_loop(k8s, ns, operator, 1, autoscaling=quiet)
+    k8s.kubectl("scale", "-n", ns, f"pied/{LOOP}", "--replicas=2")  # the PUT on /scale an HPA makes
+    c = wait_for(lambda: condition(get(k8s, ns, "pied", LOOP), "AutoscalerConflict").get("status") == "True"
+                 and condition(get(k8s, ns, "pied", LOOP), "AutoscalerConflict"), "AutoscalerConflict=True",
+                 op=operator)
+    assert c["reason"] == "SpecReplicasChanged" and "spec.autoscaling" in c["message"], c
+    # NOTE: the pass that observed spec.replicas = 2 would have created the second pod had it followed it.
+    generation = get(k8s, ns, "pied", LOOP)["metadata"]["generation"]
+    wait_for(lambda: (get(k8s, ns, "pied", LOOP).get("status") or {}).get("observedGeneration") == generation,
+             "the scaled spec observed", op=operator)
+    assert len(pods(k8s, ns, LOOP)) == 1 and desired(k8s, ns) == 1
+    k8s.kubectl("patch", "-n", ns, "pied", LOOP, "--type=merge", "-p", '{"spec": {"autoscaling": {"enabled": false}}}')
+    wait_for(lambda: len(pods(k8s, ns, LOOP)) == 2, "spec.replicas (2) followed once autoscaling is off",
+             op=operator, timeout=60)
+    wait_for(lambda: not condition(get(k8s, ns, "pied", LOOP), "AutoscalerConflict"),
+             "AutoscalerConflict gone with autoscaling off", op=operator)
