@@ -4,7 +4,7 @@ The objective is the speed users see (probe.py: output tokens per second per req
 each m). Under demand for KV, m grows (one layer until copies were seen to hide, then at once to the m that holds
 the KV wanted, or, where the speed is measured, as a probe of at most twice the capacity), and a probe is judged
 against the m it came from: undone only if that m was faster by more than epsilon with confidence and going back
-pays for the recomputation it causes. Guards, each
+pays for the recomputation it causes (speed_judge.py; where a grow goes: grow_plan.py). Guards (guards.py), each
 confirmed on the evidence (evidence.py): stalls above epsilon always shrink (transparency); an explicit latency
 target bounds the iteration time; otherwise a per-iteration overhead above epsilon is shed, unless it buys KV
 capacity the load needs and no smaller m was measurably faster. Hysteresis: grow only below ``grow_overhead``, a
@@ -14,27 +14,26 @@ back-offs, so the controller settles instead of oscillating. docs/pie.md has the
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable
 
 from pie_engine.config import parse_expansion
-from pie_engine.pie.controller_config import (
-    MODES,
-    ControllerConfig,
-    IterationSample,
-    layers_for_ratio,
-)
-from pie_engine.pie.demand import PeakDemand, device_bytes_for, host_bytes_for
-from pie_engine.pie.evidence import Entry, Evidence, Terms, max_term, mean_iteration
+from pie_engine.pie.controller_config import MODES, ControllerConfig, IterationSample, layers_for_ratio
+from pie_engine.pie.demand import PeakDemand
+from pie_engine.pie.evidence import Entry, Evidence, mean_compute, mean_iteration, peak_wanted, seconds_per_token
+from pie_engine.pie.expansion_report import ExpansionReport
 from pie_engine.pie.geometry import SwapGeometry
+from pie_engine.pie.grow_plan import grow_target, latency_allows_growth, layers_for_blocks, link_allows_growth
 from pie_engine.pie.grow_watch import GrowWatch, LinkCheck, Verdict
+from pie_engine.pie.guards import guard, idle_shrink
 from pie_engine.pie.link_meter import LinkMeter
-from pie_engine.pie.probe import Ceiling, Probe, SpeedTable, better, shrink_pays
+from pie_engine.pie.probe import Ceiling, Probe, SpeedTable
+from pie_engine.pie.speed_judge import capacity_need, judge_probe
 
 
-class ExpansionController:
-    """Decides m between iterations. Call ``update(sample)`` after each iteration; apply the m it returns."""
+class ExpansionController(ExpansionReport):
+    """Decides m between iterations. Call ``update(sample)`` after each iteration; apply the m it returns. What it
+    reports (``state()``, ``headroom_layers``, the recommendations) is ``ExpansionReport`` (expansion_report.py)."""
 
     def __init__(self, geometry: SwapGeometry, mode: str = "adaptive", ratio: float | None = None,
                  host_memory_limit: int | None = None, config: ControllerConfig | None = None,
@@ -86,11 +85,6 @@ class ExpansionController:
         mode, ratio = parse_expansion(expansion)
         return cls(geometry, mode, ratio, host_memory_limit, config, recompute_tokens)
 
-    @property
-    def iterations(self) -> int:
-        """Iterations recorded so far (the controller's clock: ttl and probe ages count these)."""
-        return self._iteration
-
     # -------------------------------------------------------------------------------------------- decisions
     def _target_static(self) -> int:
         assert self.ratio is not None
@@ -128,14 +122,18 @@ class ExpansionController:
             return self.m
         window = self.evidence.last()
         self.overhead, self.overheads, self.stall_fraction = Evidence.measure(window, self.m)
-        link_ok = self._link_allows_growth(window)
-        self._room = (self._latency_allows_growth(window) and self.stall_fraction < cfg.grow_stall_fraction
-                      and link_ok)
+        wanted, compute = peak_wanted(window), mean_compute(window)
+        link_ok = link_allows_growth(self.geometry, self.m, self.link, wanted, compute)
+        self._room = (latency_allows_growth(cfg, self.overhead, mean_iteration(window))
+                      and self.stall_fraction < cfg.grow_stall_fraction and link_ok)
         self._hold_reason = "hold" if link_ok else (
             f"hold: the measured link would not move m = {self.m + 1}'s copies within "
             f"{self.link.margin:.0%} of a step")
-        if self.m > 0 and (verdict := self._guard()) is not None:
-            return verdict
+        if self.m > 0 and (guarded := guard(self.evidence, self.m, self.overhead, self.overheads, cfg,
+                                            self._capacity_need, self._speed_summary)) is not None:
+            if guarded.kind == "back_off":
+                return self._back_off(guarded.reason)
+            self._hold_reason = guarded.reason
         if self._probe is not None and (verdict := self._judge_probe(window)) is not None:
             return verdict
         demand_share = sum(d for _, _, d in window) / len(window)
@@ -146,42 +144,19 @@ class ExpansionController:
         if (baseline_ready and self._room
                 and demand_share >= cfg.demand_fraction and self.m + 1 <= self.max_layers_on_host
                 and self.m + 1 < ceiling and self._probe is None):
-            return self._grow(self._grow_target(window, ceiling), f"demand with overhead {self.overhead:.3f}",
-                              max(s.wanted for s, _, _ in window))
-        if cfg.idle_shrink and self.m > 0 and len(self._idle) == cfg.idle_window and not any(
-                d for _, d in self._idle):
-            smaller = self.geometry.capacity_blocks(self.m - 1)
-            # NOTE: every block in use lies below idle_fraction * C(m - 1): this shrink preempts nothing.
-            if max(w for w, _ in self._idle) < cfg.idle_fraction * smaller:
-                return self._change(self.m - 1, "idle: the KV fits with fewer layers on host")
+            measured = self.speeds.estimate(self.m, self._iteration, self.evidence.conditions()) is not None
+            target = grow_target(self.geometry, self.m, self.max_layers_on_host, ceiling, wanted, compute, measured,
+                                 self.link, cfg.grow_headroom)
+            return self._grow(target, f"demand with overhead {self.overhead:.3f}", wanted)
+        if idle_shrink(self._idle, self.m, self.geometry, cfg):
+            return self._change(self.m - 1, "idle: the KV fits with fewer layers on host")
         if self._probe is None:
             self.last_decision = self._hold_reason
         return self.m
 
     # ------------------------------------------------------------------------------------ guards and probes
-    def _guard(self) -> int | None:
-        """Back off where a constraint is broken (confirmed): stalls above epsilon (swapping is no longer
-        transparent), the explicit latency target, or else the overhead above epsilon unless measured speed pays
-        for it. None: hold or go on."""
-        cfg = self.config
-        stall = self.overheads["stall"] or 0.0
-        stall_term: Callable[[Terms], float] = lambda o: o["stall"] or 0.0  # noqa: E731
-        if stall > cfg.epsilon and (why := self.evidence.confirm(stall_term, stall, cfg.epsilon, self.m)):
-            return self._back_off(f"stall {stall:.3f} > epsilon {cfg.epsilon} ({why})")
-        if cfg.latency_target is not None:
-            itl = mean_iteration(self.evidence.last())
-            if itl > cfg.latency_target and (why := self.evidence.confirm_latency(itl, cfg.latency_target)):
-                return self._back_off(f"iteration {itl * 1e3:.1f} ms > target {cfg.latency_target * 1e3:.1f} ms "
-                                      f"({why})")
-            return None
-        if self.overhead > cfg.epsilon and (why := self.evidence.confirm(max_term, self.overhead, cfg.epsilon, self.m)):
-            if self.overhead <= cfg.gross_factor * cfg.epsilon and (need := self._capacity_need()) is not None:
-                self._hold_reason = f"hold: overhead {self.overhead:.3f} buys KV capacity ({need}); speed decides"
-                return None
-            terms = ", ".join(f"{k} {v:.3f}" for k, v in self.overheads.items() if v is not None)
-            return self._back_off(f"overhead {self.overhead:.3f} > epsilon {cfg.epsilon} ({terms}; {why}; "
-                                  f"{self.speeds.summary(self.m, self._iteration, self.evidence.conditions())})")
-        return None
+    def _speed_summary(self) -> str:
+        return self.speeds.summary(self.m, self._iteration, self.evidence.conditions())
 
     def _apply(self, v: Verdict) -> int | None:
         """Carry out the grow watch's verdict: the m to run at next, or None (go on with this update)."""
@@ -207,53 +182,25 @@ class ExpansionController:
         return m
 
     def _capacity_need(self) -> str | None:
-        """Why an overhead above epsilon is not shed by itself: the KV wanted over the window does not fit at
-        m - 1 (a shrink would preempt and queue requests), and the speed at this m is measured, so probes judge it
-        by what users get. NOTE: the overhead reading compares iterations at the same batch; the batch is what
-        expansion buys. Measured through the server on this CPU, m = 4-6 cost 5-12% per iteration at the same batch
-        and gave 1.3-1.4x the throughput of m = 0 when KV bound (bench/results/summary.md). Not where a smaller m
-        was measurably faster at this load, nor above ``gross_factor`` x epsilon. None: shed it."""
-        cfg = self.config
-        window = self.evidence.last()
-        wanted = max(s.wanted for s, _, _ in window)
-        smaller = self.geometry.capacity_blocks(self.m - 1)
-        here = self.speeds.estimate(self.m, self._iteration)
-        if wanted <= smaller or here is None:
-            return None
-        at = self.evidence.conditions()
-        # NOTE: a reference of a few batches is mostly the transient after the change it followed.
-        below = self.speeds.best_below(self.m, self._iteration, at, min_batches=cfg.probe_batches)
-        here_now = self.speeds.estimate(self.m, self._iteration, at)
-        if below is not None and here_now is not None and better(below[1], here_now, cfg.epsilon, cfg.probe_z):
-            return None  # a smaller m was measurably faster at this load: the capacity is not worth its overhead
-        return f"{wanted} blocks wanted > {smaller} at m = {self.m - 1}"
+        """Why an overhead above epsilon is not shed by itself (speed_judge.capacity_need); None: shed it."""
+        return capacity_need(self.m, peak_wanted(self.evidence.last()), self.geometry.capacity_blocks(self.m - 1),
+                             self.speeds, self._iteration, self.evidence.conditions(), self.config)
 
     def _judge_probe(self, window: list[Entry]) -> int | None:
-        """After a grow: once ``probe_batches`` batches are measured at the new m, undo it if the m it came from was
-        faster by more than epsilon (with confidence) and going back pays for its recomputation. None: keep."""
-        cfg, probe = self.config, self._probe
+        """After a grow: carry out the probe's verdict (speed_judge.judge_probe). None: keep."""
+        probe = self._probe
         assert probe is not None
-        at = self.evidence.conditions()
-        here = self.speeds.estimate(self.m, self._iteration, at, since=probe.started)
-        if here is None or here.n < cfg.probe_batches:
-            if self._iteration - probe.started > cfg.cooldown + 4 * cfg.probe_batches * cfg.speed_batch:
-                self._probe = None  # the demand to measure it by is gone: nothing says it is worse
-                self.last_decision = f"probe of m = {self.m} kept: no demand to measure it by"
+        v = judge_probe(probe, self.m, self.speeds, self._iteration, self.evidence.conditions(), self.config,
+                        self.recompute_tokens, seconds_per_token(window), self.reconfigure_seconds)
+        if v.kind == "wait":
             return None
         self._probe = None
-        origin = self.speeds.estimate(probe.origin, self._iteration, at)
-        if origin is None or not better(origin, here, cfg.epsilon, cfg.probe_z):
+        if v.kind == "back_off":
+            return self._back_off(v.reason, probe)
+        if v.kind == "keep":
             self.ceiling.kept()
-            ratio = "" if origin is None else f": speed {here.mean / origin.mean:.2f}x that of m = {probe.origin}"
-            self.last_decision = f"probe of m = {self.m} kept{ratio}"
-            return None
-        tokens = self.recompute_tokens(probe.origin)
-        per_token = sum(s.iteration_seconds for s, _, _ in window) / max(1, sum(s.num_tokens for s, _, _ in window))
-        if not shrink_pays(origin.mean, here.mean, cfg.payback_seconds, tokens, per_token, self.reconfigure_seconds):
-            self.last_decision = (f"probe of m = {self.m} slower, but undoing it would not pay ({tokens} tokens, "
-                                  f"{self.reconfigure_seconds * 1e3:.0f} ms to re-lay out)")
-            return None
-        return self._back_off(f"probe: speed {here.mean / origin.mean:.2f}x that of m = {probe.origin}", probe)
+        self.last_decision = v.reason
+        return None
 
     def _back_off(self, reason: str, probe: Probe | None = None, whole: bool = False) -> int:
         """Shrink: to where a probe came from (a jump that went wrong), else by one layer. The m left stays
@@ -269,51 +216,12 @@ class ExpansionController:
         self.transparent_limit = target
         return self._change(target, reason)
 
-    def _latency_allows_growth(self, window: list[Entry]) -> bool:
-        """Grow only with room below the latency bound: overhead below ``grow_overhead``, or with an explicit target
-        iterations below ``grow_overhead / epsilon`` of it."""
-        cfg = self.config
-        if cfg.latency_target is not None:
-            return mean_iteration(window) < cfg.latency_target * cfg.grow_overhead / cfg.epsilon
-        return self.overhead < cfg.grow_overhead
-
-    def _link_allows_growth(self, window: list[Entry]) -> bool:
-        """m + 1's swap-ins fit the window's compute on the measured link (always, while it is unmeasured).
-        NOTE: also for a one-layer grow once the link is measured: on served tiny at a PCIe-like throttle, a check
-        that hid while admission work lengthened the first steps was followed, after its jump was undone, by m = 1
-        retried and stalling 11-15% twice (run 6)."""
-        if self.m + 1 >= self.geometry.num_layers:
-            return True  # no m + 1 at all: the host limit's rule says so, not the link
-        wanted = max(s.wanted for s, _, _ in window)
-        compute = sum(e.iteration_seconds - e.stall_seconds for e, _, _ in window) / len(window)
-        return self.link.fits(self.geometry, self.m + 1, wanted, compute)
-
-    def _grow_target(self, window: list[Entry], ceiling: int) -> int:
-        """m + 1, or the smallest m that holds ``grow_headroom`` times the window's peak KV demand when that demand
-        is beyond the current capacity (never at or above ``ceiling``, never beyond the host limit, never beyond
-        what the measured link moves within a step: ``LinkMeter.cap``). Where the speed
-        at m is measured the grow is a probe and climbs at most to twice the capacity: copies grow with m, so the
-        speed has a peak below the m that holds everything, and a hill-climb in doublings finds it in few probes."""
-        g = self.geometry
-        wanted = max(s.wanted for s, _, _ in window)
-        target = self.m + 1
-        if wanted > g.capacity_blocks(self.m):
-            need = self.required_layers_on_host(math.ceil(self.config.grow_headroom * wanted))
-            target = max(target, self.max_layers_on_host if need is None else need)
-            if self.speeds.estimate(self.m, self._iteration, self.evidence.conditions()) is not None:
-                double = self.required_layers_on_host(2 * g.capacity_blocks(self.m))
-                target = min(target, max(self.m + 1, self.max_layers_on_host if double is None else double))
-            compute = sum(e.iteration_seconds - e.stall_seconds for e, _, _ in window) / len(window)
-            target = max(self.m + 1, self.link.cap(g, self.m, target, wanted, compute))  # one layer: measured
-        return min(target, self.max_layers_on_host, ceiling - 1)
-
     def required_layers_on_host(self, blocks: int) -> int | None:
         """The smallest m whose capacity holds ``blocks`` per layer (one request running alone), within the host
         limit; None if even the largest allowed m cannot. Off and static modes can only offer their current m."""
         if self.mode != "adaptive":
             return self.m if self.geometry.capacity_blocks(self.m) >= blocks else None
-        return next((m for m in range(self.max_layers_on_host + 1) if self.geometry.capacity_blocks(m) >= blocks),
-                    None)
+        return layers_for_blocks(self.geometry, self.max_layers_on_host, blocks)
 
     def require(self, m: int, reason: str) -> int:
         """Adaptive mode: move up to ``m`` now, whatever the overhead: a request that fits nowhere else needs it
@@ -388,51 +296,3 @@ class ExpansionController:
             self._previous_m, self.m = self.m, m
         self.last_decision = f"device pool resized to {geometry.pool_blocks} layer-blocks at m = {m}"
         self._reset_evidence()
-
-    # -------------------------------------------------------------------------------------------- reporting
-    @property
-    def headroom_layers(self) -> int:
-        """Layers m may still grow by now: 0 when expansion cannot absorb more KV demand -- not adaptive, the host
-        memory limit reached, a back-off's ceiling, or latency / overhead / stall leaving no room to grow. The
-        operator adds replicas only once this is 0 on every pod (memory first: operator/pie_operator/autoscale.py).
-        NOTE: read from the metrics thread: attributes only, nothing mutated."""
-        if self.mode != "adaptive" or not self._room:
-            return 0
-        top = min(self.max_layers_on_host, self.ceiling.peek(self._iteration, self.geometry.num_layers) - 1)
-        return max(0, top - self.m)
-
-    @property
-    def peak_blocks(self) -> int:
-        """Observed peak KV demand, blocks per layer, over the last ``peak_window`` iterations."""
-        return self.peak.blocks
-
-    @property
-    def recommended_host_memory_bytes(self) -> int:
-        """Host KV needed at the current (settled) m for the peak demand."""
-        return host_bytes_for(self.geometry, self.m, self.peak.blocks, self.config.headroom)
-
-    @property
-    def recommended_gpu_memory_bytes(self) -> int:
-        """Smallest device KV budget that holds the peak demand at the largest m known to be transparent (below
-        the last m that caused overhead, else the current m)."""
-        m_t = self.m if self.transparent_limit is None or self.mode != "adaptive" else self.transparent_limit
-        return device_bytes_for(self.geometry, m_t, self.peak.blocks, self.config.headroom)
-
-    def state(self) -> dict:
-        g, cfg = self.geometry, self.config
-        return {
-            "mode": self.mode, "ratio": self.ratio, "layers_on_host": self.m, "num_layers": g.num_layers,
-            "max_layers_on_host": self.max_layers_on_host, "expansion_ratio": g.expansion_ratio(self.m),
-            "blocks_per_layer": g.capacity_blocks(self.m), "overhead": self.overhead,
-            "stall_fraction": self.stall_fraction, "overheads": dict(self.overheads), "epsilon": cfg.epsilon,
-            "grow_overhead": cfg.grow_overhead,
-            "last_decision": self.last_decision, "recent_changes": [list(c) for c in self.changes],
-            "ceiling": self.ceiling.value, "headroom_layers": self.headroom_layers,
-            "transparent_limit": self.transparent_limit, "num_grows": self.num_grows,
-            "num_shrinks": self.num_shrinks, "baseline_samples": self.baseline.num_samples,
-            "baseline_error": self.baseline.error(),
-            "peak_blocks": self.peak_blocks, "reconfigure_seconds": self.reconfigure_seconds,
-            "host_memory_limit": self.host_memory_limit,
-            "recommended_host_memory_bytes": self.recommended_host_memory_bytes,
-            "recommended_gpu_memory_bytes": self.recommended_gpu_memory_bytes,
-        }

@@ -116,5 +116,22 @@ def mean_iteration(entries: Iterable[Entry]) -> float:
     return sum(times) / max(1, len(times))
 
 
+def peak_wanted(entries: Iterable[Entry]) -> int:
+    """The most KV blocks per layer any of the iterations wanted."""
+    return max(s.wanted for s, _, _ in entries)
+
+
+def mean_compute(entries: Iterable[Entry]) -> float:
+    """Mean compute seconds per iteration (its time less its stall): what a step's copies have to hide behind."""
+    entries = list(entries)
+    return sum(s.iteration_seconds - s.stall_seconds for s, _, _ in entries) / len(entries)
+
+
+def seconds_per_token(entries: Iterable[Entry]) -> float:
+    """Mean seconds per computed token: what recomputing a preempted sequence's tokens costs."""
+    entries = list(entries)
+    return sum(s.iteration_seconds for s, _, _ in entries) / max(1, sum(s.num_tokens for s, _, _ in entries))
+
+
 def max_term(overheads: Terms) -> float:
     return max(v for v in overheads.values() if v is not None)
