@@ -15,8 +15,12 @@ requests failed, the most replicas held, the operator's replica decisions, this 
 average. Goal (the issue): "both" meets the TTFT target with fewer GPU-seconds than "replicas only". Two traces
 (--trace): "bursty", which one expanded engine can just absorb, and "sustained", which it cannot.
 
-Caveat: on this 2-vCPU machine every engine shares the same two cores, so a replica adds a queue and KV, not compute;
-GPU-seconds are what the pods would hold on a GH200 cluster, TTFT is measured here, under that contention.
+Caveat: on this 2-vCPU machine every engine shares the same two cores. Each engine is one thread, so two engines use
+both cores and a third adds a queue and KV, not compute. A replica's start (imports, model load: several CPU-seconds)
+would also take CPU from the engines already serving, which a new pod on its own GH200 node does not: so engines
+start at idle CPU priority and get normal priority once they answer /health (EngineFleet's startup_idle;
+--startup-normal turns it off, for comparison). GPU-seconds are what the pods would hold on a GH200 cluster; TTFT is
+measured here, under the remaining contention.
 
     PYTHONPATH=engine:operator:. python -m bench.autoscale_trace [--trace bursty|sustained|quick] [--configs ...]
 """
@@ -138,14 +142,16 @@ async def replay(watch: Router, times: list[float]) -> tuple[list[dict[str, Any]
         return list(await asyncio.gather(*(one(client, watch, at, t0) for at in times))), t0
 
 
-def run_config(k8s: Cluster, config: str, model: Path, times: list[float], duration: float, work: Path) -> dict:
+def run_config(k8s: Cluster, config: str, model: Path, times: list[float], duration: float, work: Path,
+               startup_idle: bool = True) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     ns = new_namespace(k8s, config.replace("_", "-"))
     op = Operator(k8s, ns, work / f"{config}-operator.log", "--resync-seconds", "2", "--metrics-interval-seconds",
                   "1", "--metrics-timeout-seconds", "1")
     op.start()
     try:
-        with EngineFleet(k8s, ns, LOOP, model, work / config) as _, Router(k8s, ns, LOOP, PORT, interval=0.5) as watch:
+        with (EngineFleet(k8s, ns, LOOP, model, work / config, startup_idle=startup_idle) as fleet,
+              Router(k8s, ns, LOOP, PORT, interval=0.5) as watch):
             k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(spec_of(config)))
             deadline = time.monotonic() + 180
             while not watch.targets and time.monotonic() < deadline:
@@ -170,6 +176,7 @@ def run_config(k8s: Cluster, config: str, model: Path, times: list[float], durat
                 "gpus_over_time": changes(watch.timeline, t0),
                 "replica_decisions": [d for d in pied.get("status", {}).get("decisions", [])
                                       if d.get("field") == "replicas"],
+                "engine_startup_s": dict(fleet.startup_s),  # each pod's engine: start to /health, wall
                 "process_cpu_s": round(time.process_time() - cpu0, 1), "loadavg_before": load0,
                 "loadavg_after": os.getloadavg(),
             }
@@ -252,6 +259,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="repetitions, interleaved: each round runs every "
                     "configuration, in an order rotated by one each round")
     ap.add_argument("--keep", type=Path, help="keep the cluster's, operator's and engines' files here")
+    ap.add_argument("--startup-normal", action="store_true", help="start replicas at normal CPU priority: their "
+                    "start then competes with the serving engines for this machine's cores")
     args = ap.parse_args()
     trace = TRACES[args.trace]
     times = arrivals(trace)
@@ -271,12 +280,15 @@ def main() -> None:
             for i in range(args.rounds):
                 order = args.configs[i % len(args.configs):] + args.configs[:i % len(args.configs)]
                 for c in order:
-                    runs[c].append(run_config(k8s, c, model, times, trace["duration"], work / f"round{i}"))
+                    runs[c].append(run_config(k8s, c, model, times, trace["duration"], work / f"round{i}",
+                                              startup_idle=not args.startup_normal))
         finally:
             k8s.stop()
     configs = {c: summarize(rs) for c, rs in runs.items()}
     result = {"clock": "wall", "trace_name": args.trace, "trace": trace, "requests": len(times),
               "rounds": args.rounds, "ttft_target_s": TTFT_TARGET_S, "autoscaling": SCALING,
+              "replica_startup": ("normal CPU priority" if args.startup_normal
+                                  else "idle CPU priority until it answers /health"),
               "configs_defined": {c: {"expansion": m, "target": t} for c, (m, t) in CONFIGS.items()},
               "configs": configs, "goal_both_meets_target_with_fewer_gpu_seconds_than_replicas_only": goal_of(configs)}
     save(name, result)

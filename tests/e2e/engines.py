@@ -6,11 +6,17 @@ where only the paths that exist inside a container are mapped to this machine (-
 --admin-token-file -> a file holding the token from the operator's Secret) and --host becomes the pod IP. A process
 whose pod is gone is stopped. `behaviour(pod)` may instead say "garbage" (an HTTP server whose /metrics is not
 Prometheus text) or "none" (nothing listens). `Load` sends OpenAI completions to one engine until stopped.
+
+With `startup_idle`, an engine starts at idle CPU priority (SCHED_IDLE) and gets normal priority once it answers
+/health: on a cluster a new replica loads its model on its own node, so here its start must not take CPU from the
+engines already serving on the same machine (benchmarks; needs CAP_SYS_NICE to raise the priority again).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
 import random
 import subprocess
 import sys
@@ -44,6 +50,10 @@ def _ready(pod: dict[str, Any]) -> bool:
                for c in pod.get("status", {}).get("conditions") or [])
 
 
+def _idle_priority() -> None:
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 def local_args(args: list[str], ip: str, model: Path, token_file: Path) -> list[str]:
     """The pod's `pie-engine serve` args with the container-only paths mapped to this machine."""
     out, i = [], 0
@@ -62,8 +72,11 @@ class EngineFleet:
     """One process per Ready pod of PieDeployment `name`; `seen` records every pod name ever observed."""
 
     def __init__(self, k8s: Cluster, namespace: str, name: str, model: Path, workdir: Path,
-                 behaviour: Callable[[dict[str, Any]], str] = lambda pod: "engine") -> None:
+                 behaviour: Callable[[dict[str, Any]], str] = lambda pod: "engine", startup_idle: bool = False) -> None:
         self.namespace, self.name, self.model, self.workdir, self.behaviour = namespace, name, model, workdir, behaviour
+        self.startup_idle = startup_idle
+        self.starting: dict[str, tuple[str, str, float]] = {}  # pod uid -> (name, health URL, start), while idle
+        self.startup_s: dict[str, float] = {}  # pod name -> seconds from its engine's start to /health (startup_idle)
         self.api = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(str(k8s.kubeconfig)))
         self.procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}  # pod uid -> (process, log)
         self.seen: set[str] = set()
@@ -107,6 +120,23 @@ class EngineFleet:
                 self._start(pod, ip)
         for uid in set(self.procs) - alive:
             self._end(uid)
+        for uid in list(self.starting):
+            self._promote_if_healthy(uid)
+
+    def _promote_if_healthy(self, uid: str) -> None:
+        """Normal priority for every thread of a started engine once it answers /health."""
+        name, url, started = self.starting[uid]
+        try:
+            if httpx.get(url, timeout=0.5, trust_env=False).status_code != 200:
+                return
+        except httpx.HTTPError:
+            return
+        pid = self.procs[uid][0].pid
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
+        del self.starting[uid]
+        self.startup_s[name] = round(time.monotonic() - started, 1)
 
     def _token_file(self) -> Path:
         secret = self.api.read_namespaced_secret(f"{self.name}-admin-token", self.namespace)
@@ -128,13 +158,18 @@ class EngineFleet:
             cmd = [sys.executable, "-m", "pie_engine", "serve",
                    *local_args(container["args"], ip, self.model, self._token_file()), "--log-level", "warning"]
         log = self.workdir / f"{meta['name']}.log"
+        idle = self.startup_idle and what == "engine"
         with log.open("ab") as out:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                     env={"PYTHONPATH": PYTHONPATH, "PATH": "/usr/bin:/bin", "HOME": str(self.workdir),
-                                         "OMP_NUM_THREADS": "1", "NO_PROXY": "*"})
+                                         "OMP_NUM_THREADS": "1", "NO_PROXY": "*"},
+                                    preexec_fn=_idle_priority if idle else None)
         self.procs[meta["uid"]] = (proc, log)
+        if idle:
+            self.starting[meta["uid"]] = (meta["name"], f"http://{ip}:{port}/health", time.monotonic())
 
     def _end(self, uid: str) -> None:
+        self.starting.pop(uid, None)
         proc, _ = self.procs.pop(uid)
         if proc.poll() is None:
             proc.terminate()
